@@ -1,0 +1,147 @@
+"""Typed stage configs: defaults < YAML file < `--dotted.key=value` flags.
+
+Configs are pydantic models with `extra="forbid"`, so an unknown key anywhere is an error that names it. Flag values
+are parsed as YAML scalars (`3e-4`, `true`, `[a, b]`) except where the field is a string, which keeps the text as
+typed. Nothing is ever `eval`ed (the mistake nanoGPT's configurator admits to).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or flag; the message names the key."""
+
+
+def _field_type(model: type[BaseModel], dotted: str) -> Any:
+    """Annotation of the field at a dotted path, or raise ConfigError naming the unknown part."""
+    cls: Any = model
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(cls, "model_fields", None)
+        if fields is None or part not in fields:
+            where = ".".join(parts[:i]) or "top level"
+            known = ", ".join(sorted(fields)) if fields else "none (not a section)"
+            raise ConfigError(f"unknown config key '{dotted}' ('{part}' is not a key of {where}; known: {known})")
+        cls = fields[part].annotation
+    return cls
+
+
+def _is_str_like(annotation: Any) -> tuple[bool, bool]:
+    """(is a string field, is a list-of-strings field)."""
+    origin = typing.get_origin(annotation)
+    if annotation is str:
+        return True, False
+    if origin in (list, tuple) and typing.get_args(annotation)[:1] == (str,):
+        return False, True
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if args == [str]:
+            return True, False
+    return False, False
+
+
+def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
+    """`['--a.b=1', '--c', 'x', '--flag']` -> nested dict. A bare flag means true; a list field may be repeated."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"expected --key=value, got '{arg}'")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                raw = args[i + 1]
+                i += 1
+            else:
+                raw = "true"
+        i += 1
+        key = key.replace("-", "_")
+        annotation = _field_type(model, key)
+        is_str, is_list = _is_str_like(annotation)
+        if is_str:
+            value: Any = raw
+        elif is_list:
+            value = [raw]
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"cannot parse value for '{key}': {raw!r} ({e.__class__.__name__})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{key}' sets a key inside a value that is not a section")
+        if is_list and isinstance(node.get(parts[-1]), list):
+            node[parts[-1]] = node[parts[-1]] + value
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k] = _merge(merged[k], v)
+        else:
+            merged[k] = v
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = prefix + ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{loc}'")
+        else:
+            lines.append(f"bad value for '{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def build(model: type[C], data: dict[str, Any]) -> C:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load(model: type[C], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Resolve a config: the model's defaults, then the YAML file, then the flags. Errors name the key."""
+    data: dict[str, Any] = read_yaml(yaml_path) if yaml_path else {}
+    if overrides:
+        data = _merge(data, parse_overrides(model, overrides))
+    return build(model, data)
+
+
+def dump(cfg: BaseModel) -> str:
+    """YAML text of a resolved config; loading it back gives the same config."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

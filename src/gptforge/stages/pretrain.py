@@ -1,0 +1,226 @@
+"""`gptforge pretrain`: tokenize a folder of text into shards and train a GPT on it, resumably.
+
+Reads `<run_dir>/tokenizer/tokenizer.json` (or `tokenizer=PATH`) and writes under `<run_dir>/pretrain/`:
+`tokens/` (memory-mapped shards, reused while input and tokenizer are unchanged), `checkpoints/step-*/`,
+`checkpoints/best.json`, `metrics.jsonl`, `loss.png`, `summary.json` and the resolved `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptforge import SAMPLE, resolve_input
+from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
+from gptforge.data.sampler import WindowSampler
+from gptforge.data.shards import TokenWindows, build_token_shards
+from gptforge.model.gpt import GPT, GPTConfig
+from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from gptforge.tokenizer.bpe import Tokenizer
+from gptforge.train import checkpoint as ckpt_lib
+from gptforge.train.metrics import MetricsLog, plot_losses
+from gptforge.train.optim import build_optimizer
+from gptforge.train.trainer import LoopState, Trainer, TrainConfig
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of text pieces held out for validation.")
+    seed: int = Field(1337, description="Seed of the train/validation split.")
+    piece_chars: int = Field(4000, gt=0, description="Long documents are cut into pieces of about this many chars.")
+    shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field("runs/default", description="Run directory; outputs go to <run_dir>/pretrain/.")
+    input: str = Field(SAMPLE, description="Folder or file of .txt/.md/.jsonl text; @sample is the bundled corpus.")
+    tokenizer: str = Field("", description="tokenizer.json or its folder; empty = <run_dir>/tokenizer/.")
+    seed: int = Field(1337, description="Seed for weights init, data order and dropout.")
+    resume: bool = Field(False, description="Continue from the newest committed checkpoint of this run.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    dtype: str = Field("auto", description="Autocast dtype: auto (bf16 where fast), bfloat16 or float32.")
+    compile: bool = Field(False, description="torch.compile the model (pays off on GPU; little gain on small CPU runs).")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs gptforge[viz]).")
+    progress: bool = Field(True, description="Show the progress bar.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: GPTConfig = Field(default_factory=GPTConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _tokenizer_path(cfg: Config) -> Path:
+    p = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.run_dir) / "tokenizer"
+    return p / "tokenizer.json" if p.is_dir() or not p.suffix else p
+
+
+def resolve_model_config(cfg: Config, tok: Tokenizer) -> GPTConfig:
+    """Fill vocab_size from the tokenizer (rounded up to a multiple of 64 for matmul-friendly shapes)."""
+    model = cfg.model.model_copy()
+    if model.vocab_size == 0:
+        model.vocab_size = 64 * math.ceil(tok.vocab_size / 64)
+    elif model.vocab_size < tok.vocab_size:
+        raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    return model
+
+
+def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, runtime: Runtime, ckpt: Path) -> None:
+    problems = ckpt_lib.diff_fields(meta["model"], model_cfg.model_dump(), "model.")
+    if meta.get("tokenizer_sha256") != tok.sha256():
+        problems.append("tokenizer: checkpoint was trained with a different tokenizer.json")
+    if meta.get("world_size") != runtime.world_size:
+        problems.append(f"world_size: checkpoint {meta.get('world_size')}, this run {runtime.world_size}")
+    if problems:
+        raise ckpt_lib.CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems))
+
+
+def make_evaluator(model: torch.nn.Module, val: TokenWindows, cfg: Config, runtime: Runtime):
+    """Validation loss, perplexity and bits per byte on a fixed, evenly spread set of validation windows."""
+    n = len(val)
+    want = cfg.train.eval_batches * cfg.train.micro_batch_size if cfg.train.eval_batches else n
+    idx = np.unique(np.linspace(0, n - 1, num=min(want, n)).astype(np.int64))
+    # Shard the windows over ranks; every rank's sum is all-reduced so all ranks see the same numbers.
+    idx = idx[runtime.rank :: runtime.world_size]
+    bytes_per_token = val.bytes / max(1, val.tokens)
+
+    @torch.no_grad()
+    def evaluate(_: LoopState) -> dict[str, float]:
+        total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
+        for b in range(0, len(idx), cfg.train.micro_batch_size):
+            data = torch.from_numpy(np.stack([val.window(int(i)) for i in idx[b : b + cfg.train.micro_batch_size]]))
+            data = data.to(runtime.device)
+            with runtime.autocast():
+                _, loss = model(data[:, :-1], data[:, 1:])
+            total[0] += loss.double() * data[:, 1:].numel()
+            total[1] += data[:, 1:].numel()
+        if runtime.distributed:
+            torch.distributed.all_reduce(total)
+        loss = (total[0] / total[1]).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss / math.log(2) / bytes_per_token}
+
+    return evaluate
+
+
+def run(cfg: Config, runtime: Runtime) -> dict:
+    out = stage_dir(cfg.run_dir, "pretrain")
+    tok = Tokenizer.load(_tokenizer_path(cfg))
+    model_cfg = resolve_model_config(cfg, tok)
+    if runtime.is_main:
+        save_config(cfg, out)
+        meta_shards = build_token_shards(
+            resolve_input(cfg.input), tok, out / "tokens", cfg.data.val_fraction, cfg.data.seed,
+            cfg.data.piece_chars, cfg.data.shard_tokens, text_field=cfg.data.text_field,
+        )
+        print(f"data: {meta_shards['documents']} documents -> {meta_shards['train_tokens']:,} train / "
+              f"{meta_shards['val_tokens']:,} val tokens ({meta_shards['dtype']} shards in {out / 'tokens'})")
+    runtime.barrier()
+    seq = model_cfg.block_size
+    train_windows = TokenWindows(out / "tokens", "train", seq)
+    val_windows = TokenWindows(out / "tokens", "val", seq)
+
+    seed_everything(cfg.seed)
+    model = GPT(model_cfg).to(runtime.device)
+    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
+                                cfg.train.eps, runtime.device)
+    sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
+    ckpt_dir = out / "checkpoints"
+
+    resume_from = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
+    loop_state = None
+    trainer_sd = None
+    if resume_from:
+        ckpt_lib.verify(resume_from)
+        meta = ckpt_lib.read_meta(resume_from)
+        _check_resume(meta, model_cfg, tok, runtime, resume_from)
+        ckpt_lib.load_weights(resume_from, model)
+        trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank)
+        sampler.load_state_dict(trainer_sd["sampler"])
+        set_rng_state(rng)
+        if runtime.is_main:
+            print(f"resuming from {resume_from} (step {meta['step']})")
+    elif cfg.resume and runtime.is_main:
+        print(f"no committed checkpoint in {ckpt_dir}; starting from scratch")
+
+    raw_model = model
+    if runtime.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+        )
+    if cfg.compile:
+        model = torch.compile(model)
+
+    metrics = None
+    if runtime.is_main:
+        resume_step = ckpt_lib.read_meta(resume_from)["step"] if resume_from else None
+        tb_dir = out / "tensorboard" if cfg.tensorboard else None
+        metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, tensorboard_dir=tb_dir)
+
+    def log(record: dict) -> None:
+        if metrics:
+            metrics.write(record)
+            if "val_loss" in record:
+                plot_losses(metrics.path, out / "loss.png")
+
+    def save(state: LoopState, is_best: bool) -> None:
+        sd = {**trainer.state_dict(), "sampler": sampler.state_dict()}
+        meta = {"model": model_cfg.model_dump(), "stage": "pretrain", "config": cfg.model_dump(mode="json"),
+                "tokenizer_sha256": tok.sha256(), "tokens": state.tokens}
+        path = ckpt_lib.save(ckpt_dir, state.step, raw_model, sd, meta, rng_state(), runtime,
+                             tokenizer_file=tok.path, keep_last=cfg.train.keep_last)
+        if is_best and runtime.is_main:
+            ckpt_lib.mark_best(ckpt_dir, path, {"step": state.step, "val_loss": state.best_val})
+
+    def loss_fn(m: torch.nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return m(x, y)[1]
+
+    def next_batch():
+        x, y = sampler.next_batch()
+        return x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+
+    trainer = Trainer(
+        model, optimizer, cfg.train, runtime, next_batch, loss_fn, tokens_per_batch=lambda b: b[0].numel(),
+        evaluate=make_evaluator(model, val_windows, cfg, runtime), save=save, log=log, progress=cfg.progress,
+    )
+    if trainer_sd:
+        trainer.load_state_dict(trainer_sd)
+    n_params = raw_model.num_params()
+    if runtime.is_main:
+        print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M "
+              f"non-embedding), {raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token; {runtime.describe()}")
+        tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * seq * runtime.world_size
+        print(f"train: {cfg.train.max_steps} steps x {tokens_per_step:,} tokens = "
+              f"{cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens; {len(train_windows):,} windows per epoch")
+    t0 = time.perf_counter()
+    start_step = trainer.state.step
+    try:
+        state = trainer.fit()
+    finally:
+        if metrics:
+            metrics.close()
+    elapsed = time.perf_counter() - t0
+    summary = {
+        "steps": state.step, "tokens": state.tokens, "params": n_params, "best_val_loss": state.best_val,
+        "val": trainer.last_eval, "skipped_steps": state.skipped_total, "stop_reason": trainer.stop_reason,
+        "seconds": round(elapsed, 1), "flops_per_token": raw_model.flops_per_token(),
+        "tokens_per_s": round((state.step - start_step) * cfg.train.micro_batch_size * cfg.train.grad_accum * seq
+                              * runtime.world_size / max(elapsed, 1e-9), 1),
+        "checkpoint": str(ckpt_lib.latest(ckpt_dir)), "best_checkpoint": str(ckpt_lib.best(ckpt_dir)),
+    }
+    if runtime.is_main:
+        plot_losses(out / "metrics.jsonl", out / "loss.png")
+        write_json(out / "summary.json", summary)
+        append_ledger(cfg.run_dir, "pretrain", "ok", summary)
+        if trainer.stop_reason:
+            print(trainer.stop_reason)
+        print(f"checkpoint: {summary['checkpoint']}  (best: {summary['best_checkpoint']})")
+        print(f"loss curve: {out / 'loss.png'}")
+    return summary

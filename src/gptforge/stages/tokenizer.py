@@ -1,0 +1,57 @@
+"""`gptforge tokenizer`: train a byte-level BPE tokenizer on the user's text.
+
+Writes `<run_dir>/tokenizer/tokenizer.json` (Hugging Face format), `stats.json` (characters and bytes per token,
+separately for Chinese and English lines) and the resolved `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gptforge import SAMPLE, resolve_input
+from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
+from gptforge.data.readers import read_documents
+from gptforge.runtime import Runtime
+from gptforge.tokenizer.bpe import Tokenizer, tokenizer_stats, train_bpe
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str = Field("runs/default", description="Run directory; outputs go to <run_dir>/tokenizer/.")
+    input: str = Field(SAMPLE, description="Folder or file of .txt/.md/.jsonl text; @sample is the bundled corpus.")
+    text_field: str = Field("text", description="Field holding the text in .jsonl records.")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000, description="Vocabulary size including special tokens.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair count for a merge.")
+
+
+def run(cfg: Config, runtime: Runtime | None = None) -> dict:
+    out = stage_dir(cfg.run_dir, "tokenizer")
+    save_config(cfg, out)
+    src = resolve_input(cfg.input)
+    t0 = time.perf_counter()
+    hf = train_bpe((d.text for d in read_documents(src, cfg.text_field)), cfg.vocab_size, cfg.min_frequency)
+    tok = Tokenizer(hf)
+    tok.save(out / "tokenizer.json")
+    train_s = time.perf_counter() - t0
+    stats = tokenizer_stats(tok, (d.text for d in read_documents(src, cfg.text_field)))
+    stats["train_seconds"] = round(train_s, 2)
+    stats["input"] = str(src)
+    write_json(out / "stats.json", stats)
+    append_ledger(cfg.run_dir, "tokenizer", "ok", stats)
+    print(format_stats(stats))
+    print(f"tokenizer saved: {out / 'tokenizer.json'}")
+    return stats
+
+
+def format_stats(stats: dict) -> str:
+    rows = [f"tokenizer: vocab {stats['vocab_size']}, trained in {stats['train_seconds']} s",
+            f"  {'script':<8}{'lines':>8}{'chars':>10}{'tokens':>10}{'chars/token':>13}{'bytes/token':>13}"]
+    for s in ("zh", "en"):
+        d = stats[s]
+        cpt = d["chars_per_token"] if d["chars_per_token"] is not None else "-"
+        bpt = d["bytes_per_token"] if d["bytes_per_token"] is not None else "-"
+        rows.append(f"  {s:<8}{stats['lines'][s]:>8}{d['chars']:>10}{d['tokens']:>10}{cpt:>13}{bpt:>13}")
+    return "\n".join(rows)

@@ -1,0 +1,216 @@
+"""Crash-consistent, self-describing checkpoints.
+
+Layout of one checkpoint, `<dir>/step-00001200/`:
+    model.safetensors   weights (tied tensors de-duplicated by safetensors' save_model)
+    trainer.pt          optimizer, loop state, data-sampler cursor: tensors and primitives only (weights_only load)
+    rng_rank{r}.pt      every global RNG state of rank r (dropout masks depend on them)
+    meta.json           model config, stage config, step, tokenizer hash, world size
+    tokenizer.json      so a checkpoint alone is enough to generate
+    manifest.json       sha256 of every file above: written last, it is the commit marker
+
+A checkpoint is written in `.tmp-step-*`, fsynced and renamed. A folder without a manifest is never selected and is
+garbage-collected by the next save; retention only deletes older committed checkpoints after the new one is
+committed, and never the one `best.json` points to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from gptforge.artifacts import fsync_dir, sha256_file, write_json
+from gptforge.runtime import Runtime
+
+MANIFEST = "manifest.json"
+STEP_RE = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match the run; the message says which and why."""
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def committed(folder: str | Path) -> list[Path]:
+    """Committed checkpoints (those with a manifest), oldest first."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in root.iterdir() if (m := STEP_RE.match(d.name)) and (d / MANIFEST).is_file()]
+    return [d for _, d in sorted(found)]
+
+
+def latest(folder: str | Path) -> Path | None:
+    c = committed(folder)
+    return c[-1] if c else None
+
+
+def best(folder: str | Path) -> Path | None:
+    f = Path(folder) / "best.json"
+    if f.is_file():
+        d = Path(folder) / json.loads(f.read_text())["checkpoint"]
+        if (d / MANIFEST).is_file():
+            return d
+    return None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint folder, or a stage/checkpoints folder (best, else newest committed checkpoint inside it)."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir():
+            found = best(root) or latest(root)
+            if found:
+                return found
+    raise CheckpointError(f"no committed checkpoint found at {p}")
+
+
+def verify(ckpt: Path) -> dict[str, str]:
+    """Check every file against the manifest; a truncated or altered file is an error naming it."""
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
+        if sha256_file(f) != digest:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} does not match its manifest hash (corrupt)")
+    return manifest["files"]
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fault_sleep() -> float:
+    """GPTFORGE_FAULT=save_sleep=SECONDS pauses between the data files and the commit: the window a crash test
+    aims its SIGKILL at."""
+    spec = os.environ.get("GPTFORGE_FAULT", "")
+    m = re.search(r"save_sleep=([\d.]+)", spec)
+    return float(m.group(1)) if m else 0.0
+
+
+def save(
+    folder: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    trainer_state: dict[str, Any],
+    meta: dict[str, Any],
+    rng: dict[str, Any],
+    runtime: Runtime,
+    tokenizer_file: str | Path | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Collective across ranks: every rank writes its RNG file, rank 0 writes the rest and commits."""
+    root = Path(folder)
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
+    if runtime.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
+        if final.exists():
+            shutil.rmtree(final)  # re-saving a step (e.g. end of run right after a periodic save)
+        tmp.mkdir()
+    runtime.barrier()
+    torch.save(rng, tmp / f"rng_rank{runtime.rank}.pt")
+    _fsync_file(tmp / f"rng_rank{runtime.rank}.pt")
+    runtime.barrier()
+    if runtime.is_main:
+        for name, p in model.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                raise CheckpointError(f"refusing to save step {step}: tensor '{name}' has non-finite values")
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        write_json(tmp / "meta.json", {**meta, "step": step, "world_size": runtime.world_size, "time": time.time()})
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        if pause := _fault_sleep():
+            time.sleep(pause)
+        files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, {"step": step, "files": files})
+        fsync_dir(tmp)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        _retain(root, keep_last)
+    runtime.barrier()
+    return final
+
+
+def _retain(root: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    keep = set(committed(root)[-keep_last:])
+    if b := best(root):
+        keep.add(b)
+    for d in committed(root):
+        if d not in keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def mark_best(root: str | Path, ckpt: Path, metrics: dict[str, Any]) -> None:
+    write_json(Path(root) / "best.json", {"checkpoint": ckpt.name, **metrics})
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing}, unexpected {unexpected}")
+
+
+def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainer state, this rank's RNG state). weights_only: nothing in a checkpoint can run code."""
+    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+    rng_file = ckpt / f"rng_rank{rank}.pt"
+    if not rng_file.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no RNG state for rank {rank} (saved at another world size)")
+    return trainer, torch.load(rng_file, map_location="cpu", weights_only=True)
+
+
+def diff_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """Names and values of fields that differ, e.g. ['model.n_layer: checkpoint 4, config 6']."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if saved.get(k) != current.get(k):
+            out.append(f"{prefix}{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}")
+    return out
+
+
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, tokenizer, meta) from a checkpoint folder or a folder holding checkpoints."""
+    from gptforge.model.gpt import GPT, GPTConfig
+    from gptforge.tokenizer.bpe import Tokenizer
+
+    ckpt = resolve(path)
+    verify(ckpt)
+    meta = read_meta(ckpt)
+    model = GPT(GPTConfig(**meta["model"]))
+    load_weights(ckpt, model)
+    tok_file = ckpt / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
+    tok = Tokenizer.load(tok_file)
+    if tok.sha256() != meta.get("tokenizer_sha256"):
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json does not match the tokenizer it was trained with")
+    return model.to(device).eval(), tok, meta
