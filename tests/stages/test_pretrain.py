@@ -1,0 +1,78 @@
+import json
+import shutil
+
+import pytest
+
+from gptforge.cli import main
+from gptforge.train import checkpoint as ck
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+
+def test_outputs_of_a_run(trained_run):
+    out = trained_run / "pretrain"
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "tokens/meta.json"):
+        assert (out / name).is_file(), name
+    assert [d.name for d in ck.committed(out / "checkpoints")] == ["step-00000006", "step-00000012"]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]  # validation loss falls
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["val"]["val_ppl"] > 1 and summary["val"]["val_bpb"] > 0
+    ledger = [json.loads(x) for x in (trained_run / "ledger.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in ledger] == ["pretrain"]
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_resume_continues_and_matches_uninterrupted(trained_run, corpus, tmp_path):
+    """Train 12 steps in one go vs 6 + resume to 12: identical weights (the kill -9 version is tests/test_resume_kill.py)."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "pretrain" / "checkpoints" / "step-00000012")
+    (run / "pretrain" / "checkpoints" / "best.json").unlink()
+    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
+               "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6", "--resume"])
+    assert rc == 0
+    a = ck.verify(run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
+    b = ck.verify(trained_run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
+    assert a == b
+    steps = [json.loads(x)["step"] for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated tail after resume
+
+
+@pytest.mark.parametrize("flag,named", [("--model.n_layer=3", "model.n_layer"), ("--model.n_embd=128", "model.n_embd")])
+def test_resume_refuses_other_model_size(trained_run, corpus, tmp_path, capsys, flag, named):
+    run = _copy_run(trained_run, tmp_path / "run")
+    before = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
+    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN, flag,
+               "--train.max_steps=20", "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and named in err and len(err.splitlines()) == 1
+    assert ck.verify(ck.latest(run / "pretrain" / "checkpoints")) == before  # nothing damaged
+
+
+def test_resume_refuses_other_tokenizer(trained_run, corpus, tmp_path, capsys):
+    from gptforge.stages import tokenizer
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    tokenizer.run(tokenizer.Config(run_dir=str(run), input=str(corpus), vocab_size=800))
+    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
+               "--model.vocab_size=1024", "--train.max_steps=20", "--resume"])
+    assert rc == 2 and "different tokenizer" in capsys.readouterr().err
+
+
+def test_nan_run_stops_nonzero_and_keeps_last_good_checkpoint(trained_run, corpus, tmp_path, capsys, monkeypatch):
+    run = _copy_run(trained_run, tmp_path / "run")
+    good = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
+    monkeypatch.setenv("GPTFORGE_FAULT", "nan_loss@steps=13-100")
+    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
+               "--train.max_steps=30", "--train.save_every=2", "--train.max_nonfinite=3", "--resume"])
+    assert rc == 2 and "non-finite" in capsys.readouterr().err
+    latest = ck.latest(run / "pretrain" / "checkpoints")
+    # Step 13 trains, the steps counted 14.. are NaN: the save at 14 holds finite weights, then 3 skips in a row stop.
+    assert latest.name == "step-00000014"
+    assert ck.verify(latest)
+    assert ck.verify(run / "pretrain" / "checkpoints" / "step-00000012") == good

@@ -1,0 +1,108 @@
+"""Bad input gets one line naming the problem and exit status 2; nothing already written is damaged."""
+
+import json
+import shutil
+
+import pytest
+
+from gptforge.cli import main
+from gptforge.train import checkpoint as ck
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+
+def run_cli(capsys, *args):
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip()
+
+
+def test_help_lists_stages_and_fields(capsys):
+    rc, out, _ = run_cli(capsys, "--help")
+    assert rc == 0 and "pretrain" in out and "generate" in out
+    rc, out, _ = run_cli(capsys, "pretrain", "--help")
+    assert rc == 0 and "--train.lr" in out and "--model.n_kv_head" in out
+
+
+def test_unknown_stage(capsys):
+    rc, _, err = run_cli(capsys, "pretrian")
+    assert rc == 2 and "unknown stage 'pretrian'" in err
+
+
+def test_unknown_config_key(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "tokenizer", f"--run_dir={tmp_path}", "--vocab=100")
+    assert rc == 2 and "unknown config key 'vocab'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "tokenizer").exists()
+
+
+def test_missing_config_file(capsys):
+    rc, _, err = run_cli(capsys, "pretrain", "--config", "nope.yaml")
+    assert rc == 2 and "config file not found: nope.yaml" in err
+
+
+def test_empty_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run_cli(capsys, "tokenizer", f"--run_dir={tmp_path}/run", f"--input={tmp_path}/empty")
+    assert rc == 2 and "no .txt, .md or .jsonl files" in err and len(err.splitlines()) == 1
+
+
+def test_binary_file(capsys, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "weights.txt").write_bytes(bytes(range(256)) * 10)
+    rc, _, err = run_cli(capsys, "tokenizer", f"--run_dir={tmp_path}/run", f"--input={tmp_path}/data")
+    assert rc == 2 and "weights.txt looks binary" in err
+
+
+def test_missing_tokenizer(capsys, tmp_path, corpus):
+    rc, _, err = run_cli(capsys, "pretrain", f"--run_dir={tmp_path}", f"--input={corpus}")
+    assert rc == 2 and "tokenizer not found" in err and "gptforge tokenizer" in err
+
+
+def test_generate_from_other_model_size_checkpoint_is_refused(capsys, tmp_path, trained_run):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(ck.latest(trained_run / "pretrain" / "checkpoints"), bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["model"]["n_embd"] = 128
+    (bad / "meta.json").write_text(json.dumps(meta))
+    rc, _, err = run_cli(capsys, "generate", f"--ckpt={bad}", "--prompt=hi")
+    assert rc == 2 and "meta.json does not match" in err  # the manifest catches the edit first
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"]["meta.json"] = ck.sha256_file(bad / "meta.json")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run_cli(capsys, "generate", f"--ckpt={bad}", "--prompt=hi")
+    assert rc == 2 and "does not fit this model" in err and len(err.splitlines()) == 1
+
+
+def test_generate_is_seeded_and_saves(capsys, tmp_path, trained_run):
+    args = ["generate", f"--ckpt={trained_run / 'pretrain'}", "--prompt=Shall I", "--prompt=春",
+            "--max_new_tokens=12", "--temperature=1.0", "--seed=5"]
+    rc, out1, _ = run_cli(capsys, *args, f"--out_dir={tmp_path}/g")
+    rc2, out2, _ = run_cli(capsys, *args)
+    assert rc == rc2 == 0 and out1.split("tok/s")[1:] != [] and out1.count("--- prompt") == 2
+    samples = [json.loads(x) for x in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["Shall I", "春"]
+    assert all(s["new_tokens"] <= 12 for s in samples)
+    strip = [ln for ln in out1.splitlines() if "tok/s" not in ln]
+    assert strip == [ln for ln in out2.splitlines() if "tok/s" not in ln]  # same seed, same text
+    assert (tmp_path / "g" / "config.yaml").is_file()
+
+
+def test_prompt_too_long(capsys, trained_run):
+    rc, _, err = run_cli(capsys, "generate", f"--ckpt={trained_run / 'pretrain'}", "--prompt=" + "word " * 200)
+    assert rc == 2 and "context" in err
+
+
+@pytest.mark.parametrize("bad", ["--train.lr=abc", "--train.max_steps=-3", "--model.norm=batchnorm"])
+def test_bad_values(capsys, tmp_path, bad):
+    rc, _, err = run_cli(capsys, "pretrain", f"--run_dir={tmp_path}", bad)
+    assert rc == 2 and bad.split("=")[0].removeprefix("--") in err
+
+
+def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
+    """The demo orchestration with a tiny budget (the full demo is `make demo`)."""
+    args = [a for a in TINY_MODEL + TINY_TRAIN if not a.startswith("--progress")]  # demo always shows progress
+    rc, out, err = run_cli(capsys, "demo", f"--run_dir={tmp_path}/demo", f"--input={corpus}", "--vocab_size=600",
+                           *args, "--train.max_steps=6", "--train.eval_every=3", "--max_new_tokens=8")
+    assert rc == 0, err
+    assert "chars/token" in out and "demo finished" in out and out.count("--- prompt") == 4
+    assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
+    assert (tmp_path / "demo" / "generate" / "samples.jsonl").is_file()
