@@ -58,14 +58,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import gptforge
 from gptforge.data.sampler import WindowSampler
@@ -75,7 +75,7 @@ from gptforge.runtime import build_runtime, seed_everything
 from gptforge.stages import tokenizer as tokenizer_stage
 from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train.optim import build_optimizer, lr_at
-from gptforge.train.trainer import Trainer, TrainConfig
+from gptforge.train.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
@@ -114,13 +114,6 @@ class Hyper:
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batch * self.block_size
-
-    def lr(self, step: int) -> float:  # noqa: F811 - shadowing the field name is avoided below
-        raise NotImplementedError
-
-
-# `lr` is a field above; the schedule lives in a function so the dataclass stays plain data.
-del Hyper.lr
 
 
 def lr_for(hp: Hyper, step: int) -> float:
@@ -399,10 +392,14 @@ def machine_facts() -> dict:
                 cpu = value.strip()
             elif key.strip() == "flags" and not flags:
                 flags = set(value.split())
+
+    def git_out(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
     git = {}
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        git = {"commit": run("rev-parse", "HEAD").strip(), "dirty": bool(run("status", "--porcelain", "src").strip())}
+        # "dirty" = uncommitted changes under src/: the numbers then describe code that no commit holds.
+        git = {"commit": git_out("rev-parse", "HEAD"), "dirty_src": bool(git_out("status", "--porcelain", "src"))}
     import transformers
 
     return {
@@ -414,7 +411,7 @@ def machine_facts() -> dict:
         "gptforge": gptforge.__version__,
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "git": git,
     }
@@ -463,8 +460,8 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
 def table(result: dict) -> str:
     tps, loss = result["tokens_per_s"], result["loss_at_equal_tokens"]
     rows = [
-        "| contender | compute | params | median tok/s | tok/s per run | gptforge speedup | train loss (last 10) "
-        "| val loss |",
+        ("| contender | compute | params | median tok/s | tok/s per run | gptforge speedup | train loss (last 10) "
+         "| val loss |"),
         "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for name in CONTENDERS:
@@ -477,9 +474,9 @@ def table(result: dict) -> str:
     rob = result["robustness"]
     rows += [
         "",
-        f"{cfg['steps']} steps x {cfg['micro_batch']} x {cfg['block_size']} tokens = "
-        f"{loss['tokens']:,} tokens per run, {cfg['repeats']} interleaved runs each, first {WARMUP_STEPS} steps "
-        f"untimed; {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date'][:10]}.",
+        (f"{cfg['steps']} steps x {cfg['micro_batch']} x {cfg['block_size']} tokens = "
+         f"{loss['tokens']:,} tokens per run, {cfg['repeats']} interleaved runs each, first {WARMUP_STEPS} steps "
+         f"untimed; {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date'][:10]}."),
         f"Ratios (median tok/s): vs hf_llama {result['ratio_vs_hf']:.2f}x, vs nanogpt_fp32 "
         f"{result['ratio_vs_baseline']:.2f}x; from median step times: {rob['ratio_vs_hf_from_median_step']:.2f}x, "
         f"{rob['ratio_vs_baseline_from_median_step']:.2f}x. Goal (>= {GOAL_RATIO}x both at equal or better loss, "

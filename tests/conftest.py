@@ -14,10 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_MODEL = ["--model.block_size=64", "--model.n_layer=2", "--model.n_head=4", "--model.n_kv_head=2",
-              "--model.n_embd=64", "--model.dropout=0.0"]
-TINY_TRAIN = ["--train.micro_batch_size=4", "--train.warmup_steps=2", "--train.lr=3e-3", "--train.eval_batches=2",
-              "--train.log_every=1", "--progress=false"]
+TINY_MODEL = [
+    "--model.block_size=64",
+    "--model.n_layer=2",
+    "--model.n_head=4",
+    "--model.n_kv_head=2",
+    "--model.n_embd=64",
+    "--model.dropout=0.0",
+]
+TINY_TRAIN = [
+    "--train.micro_batch_size=4",
+    "--train.warmup_steps=2",
+    "--train.lr=3e-3",
+    "--train.eval_batches=2",
+    "--train.log_every=1",
+    "--progress=false",
+]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +61,17 @@ def trained_run(tmp_path_factory, corpus, tokenizer_run) -> Path:
 
     run = tmp_path_factory.mktemp("trained")
     shutil.copytree(tokenizer_run / "tokenizer", run / "tokenizer")
-    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
-               "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6"])
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={corpus}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--train.max_steps=12",
+            "--train.save_every=6",
+            "--train.eval_every=6",
+        ]
+    )
     assert rc == 0
     return run

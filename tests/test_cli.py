@@ -73,8 +73,15 @@ def test_generate_from_other_model_size_checkpoint_is_refused(capsys, tmp_path, 
 
 
 def test_generate_is_seeded_and_saves(capsys, tmp_path, trained_run):
-    args = ["generate", f"--ckpt={trained_run / 'pretrain'}", "--prompt=Shall I", "--prompt=春",
-            "--max_new_tokens=12", "--temperature=1.0", "--seed=5"]
+    args = [
+        "generate",
+        f"--ckpt={trained_run / 'pretrain'}",
+        "--prompt=Shall I",
+        "--prompt=春",
+        "--max_new_tokens=12",
+        "--temperature=1.0",
+        "--seed=5",
+    ]
     rc, out1, _ = run_cli(capsys, *args, f"--out_dir={tmp_path}/g")
     rc2, out2, _ = run_cli(capsys, *args)
     assert rc == rc2 == 0 and out1.split("tok/s")[1:] != [] and out1.count("--- prompt") == 2
@@ -100,8 +107,17 @@ def test_bad_values(capsys, tmp_path, bad):
 def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
     """The demo orchestration with a tiny budget (the full demo is `make demo`)."""
     args = [a for a in TINY_MODEL + TINY_TRAIN if not a.startswith("--progress")]  # demo always shows progress
-    rc, out, err = run_cli(capsys, "demo", f"--run_dir={tmp_path}/demo", f"--input={corpus}", "--vocab_size=600",
-                           *args, "--train.max_steps=6", "--train.eval_every=3", "--max_new_tokens=8")
+    rc, out, err = run_cli(
+        capsys,
+        "demo",
+        f"--run_dir={tmp_path}/demo",
+        f"--input={corpus}",
+        "--vocab_size=600",
+        *args,
+        "--train.max_steps=6",
+        "--train.eval_every=3",
+        "--max_new_tokens=8",
+    )
     assert rc == 0, err
     assert "chars/token" in out and "demo finished" in out and out.count("--- prompt") == 4
     assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()

@@ -54,10 +54,13 @@ def test_dump_round_trips(tmp_path):
     assert load(pretrain.Config, p) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix())
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix()
+)
 def test_every_preset_loads(path: Path):
-    from gptforge.cli import STAGES
     import importlib
+
+    from gptforge.cli import STAGES
 
     stage = path.parent.name
     assert stage in STAGES, f"preset folder '{stage}' is not a stage name"

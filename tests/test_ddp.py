@@ -15,8 +15,14 @@ import pytest
 from gptforge.cli import main
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
-ARGS = [*TINY_MODEL, *TINY_TRAIN, "--dtype=float32", "--train.max_steps=8", "--train.save_every=4",
-        "--train.eval_every=4"]
+ARGS = [
+    *TINY_MODEL,
+    *TINY_TRAIN,
+    "--dtype=float32",
+    "--train.max_steps=8",
+    "--train.save_every=4",
+    "--train.eval_every=4",
+]
 
 
 def losses(run: Path) -> list[float]:
@@ -35,8 +41,19 @@ def test_two_process_gloo_matches_one_process(tmp_path, corpus, tokenizer_run, c
         shutil.copytree(tokenizer_run / "tokenizer", d / "tokenizer")
     assert main(["pretrain", f"--run_dir={one}", f"--input={corpus}", *ARGS, "--train.grad_accum=2"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptforge",
-           "pretrain", f"--run_dir={two}", f"--input={corpus}", *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gptforge",
+        "pretrain",
+        f"--run_dir={two}",
+        f"--input={corpus}",
+        *ARGS,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(one), losses(two)

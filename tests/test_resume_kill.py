@@ -15,8 +15,15 @@ from pathlib import Path
 from gptforge.train import checkpoint as ck
 from tests.conftest import TINY_MODEL, TINY_TRAIN
 
-ARGS = [*TINY_MODEL, *TINY_TRAIN, "--model.dropout=0.1", "--train.max_steps=150", "--train.save_every=10",
-        "--train.eval_every=50", "--train.keep_last=2"]
+ARGS = [
+    *TINY_MODEL,
+    *TINY_TRAIN,
+    "--model.dropout=0.1",
+    "--train.max_steps=150",
+    "--train.save_every=10",
+    "--train.eval_every=50",
+    "--train.keep_last=2",
+]
 
 
 def start(run: Path, corpus: Path, resume: bool, env_extra: dict | None = None) -> subprocess.Popen:
@@ -67,7 +74,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path, corpus
     for _ in range(3):
         p = start(run, corpus, resume=kills > 0)
         target = trained_steps(run) + rng.randint(3, 25)
-        if wait_for(lambda: trained_steps(run) >= target, p):
+        if wait_for(lambda t=target: trained_steps(run) >= t, p):
             time.sleep(rng.uniform(0.0, 0.2))
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)

@@ -27,8 +27,9 @@ def poems(path: Path, collection: str) -> list[dict]:
         title = re.sub(r"^(题目|词牌)[:：]", "", lines[0]).strip()
         author = re.sub(r"^作者[:：]", "", lines[1]).strip()
         body = "\n".join(lines[2:])
-        out.append({"text": f"{title}\n作者：{author}\n{body}", "title": title, "author": author,
-                    "collection": collection})
+        out.append(
+            {"text": f"{title}\n作者：{author}\n{body}", "title": title, "author": author, "collection": collection}
+        )
     return out
 
 

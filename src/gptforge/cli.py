@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     errors = _user_errors()
     try:
         cfg = load(module.Config, config_file, rest)
-        runtime = build_runtime(getattr(cfg, "device", "auto"), getattr(cfg, "dtype", "auto"),
-                                getattr(cfg, "threads", 0))
+        runtime = build_runtime(
+            getattr(cfg, "device", "auto"), getattr(cfg, "dtype", "auto"), getattr(cfg, "threads", 0)
+        )
         module.run(cfg, runtime)
     except errors as e:
         print(f"gptforge {stage}: error: {e}", file=sys.stderr)

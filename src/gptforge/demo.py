@@ -20,8 +20,18 @@ from gptforge.train.trainer import TrainConfig
 
 DEMO_MODEL = GPTConfig(block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, dropout=0.1)
 DEMO_TRAIN = TrainConfig(
-    max_steps=500, micro_batch_size=16, grad_accum=1, lr=2e-3, warmup_steps=50, min_lr_ratio=0.1,
-    weight_decay=0.1, eval_every=50, eval_batches=0, save_every=100, keep_last=2, early_stop_patience=4,
+    max_steps=500,
+    micro_batch_size=16,
+    grad_accum=1,
+    lr=2e-3,
+    warmup_steps=50,
+    min_lr_ratio=0.1,
+    weight_decay=0.1,
+    eval_every=50,
+    eval_batches=0,
+    save_every=100,
+    keep_last=2,
+    early_stop_patience=4,
     log_every=10,
 )
 DEMO_PROMPTS = ["《春晓》\n作者：", "《静夜思》\n作者：李白\n", "ROMEO.\n", "To be, or not to be"]
@@ -52,27 +62,46 @@ def banner(text: str) -> None:
 def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
     banner("1/3 tokenizer: byte-level BPE trained on the corpus")
-    tok_stats = tokenizer.run(tokenizer.Config(run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size),
-                              runtime)
+    tok_stats = tokenizer.run(
+        tokenizer.Config(run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size), runtime
+    )
     banner("2/3 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
-    pre_cfg = pretrain.Config(run_dir=cfg.run_dir, input=cfg.input, model=cfg.model, train=cfg.train,
-                              device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, resume=cfg.resume)
+    pre_cfg = pretrain.Config(
+        run_dir=cfg.run_dir,
+        input=cfg.input,
+        model=cfg.model,
+        train=cfg.train,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        threads=cfg.threads,
+        resume=cfg.resume,
+    )
     summary = pretrain.run(pre_cfg, runtime)
     banner("3/3 generate: samples from the best checkpoint (KV cache)")
     gen_cfg = generate.Config(
-        ckpt=str(Path(cfg.run_dir) / "pretrain" / "checkpoints"), prompt=cfg.prompts,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, device=cfg.device,
+        ckpt=str(Path(cfg.run_dir) / "pretrain" / "checkpoints"),
+        prompt=cfg.prompts,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        device=cfg.device,
         out_dir=str(Path(cfg.run_dir) / "generate"),
     )
     samples = generate.run(gen_cfg, runtime)
     val = summary["val"]
     banner("demo finished")
-    print(f"tokenizer      zh {tok_stats['zh']['chars_per_token']} chars/token, "
-          f"en {tok_stats['en']['chars_per_token']} chars/token")
-    print(f"model          {summary['params'] / 1e6:.2f}M parameters, {summary['steps']} steps, "
-          f"{summary['tokens'] / 1e6:.2f}M tokens, {summary['tokens_per_s']:,.0f} tokens/s")
-    print(f"validation     loss {val.get('val_loss', float('nan')):.3f}  ppl {val.get('val_ppl', float('nan')):.1f}  "
-          f"bits/byte {val.get('val_bpb', float('nan')):.3f}  (best loss {summary['best_val_loss']:.3f})")
+    print(
+        f"tokenizer      zh {tok_stats['zh']['chars_per_token']} chars/token, "
+        f"en {tok_stats['en']['chars_per_token']} chars/token"
+    )
+    print(
+        f"model          {summary['params'] / 1e6:.2f}M parameters, {summary['steps']} steps, "
+        f"{summary['tokens'] / 1e6:.2f}M tokens, {summary['tokens_per_s']:,.0f} tokens/s"
+    )
+    print(
+        f"validation     loss {val.get('val_loss', float('nan')):.3f}  ppl {val.get('val_ppl', float('nan')):.1f}  "
+        f"bits/byte {val.get('val_bpb', float('nan')):.3f}  (best loss {summary['best_val_loss']:.3f})"
+    )
     print(f"checkpoint     {summary['best_checkpoint']}")
     print(f"loss curve     {Path(cfg.run_dir) / 'pretrain' / 'loss.png'}")
     print(f"samples        {Path(cfg.run_dir) / 'generate' / 'samples.jsonl'}")

@@ -113,8 +113,12 @@ def rng_state() -> dict:
         "python": repr(random.getstate()),
     }
     _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                      "gauss": float(gauss)}
+    state["numpy"] = {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

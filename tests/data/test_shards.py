@@ -24,10 +24,13 @@ def test_reader_handles_txt_md_jsonl_and_bom(tmp_path):
     assert docs[2].source == "c.jsonl:1" and docs[3].source == "c.jsonl:3"
 
 
-@pytest.mark.parametrize("content,match", [
-    (b"\x00\x01\x02binary", "binary"),
-    ("caf\u00e9".encode("latin-1"), "not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (b"\x00\x01\x02binary", "binary"),
+        ("caf\u00e9".encode("latin-1"), "not UTF-8 text"),
+    ],
+)
 def test_bad_files_are_named(tmp_path, content, match):
     (tmp_path / "bad.txt").write_bytes(content)
     with pytest.raises(DataError, match=f"bad.txt.*{match}"):

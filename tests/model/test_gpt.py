@@ -6,13 +6,23 @@ import torch
 from gptforge.model.gpt import GPT, GPTConfig, KVCache, sample_next
 
 LLAMA = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
-GPT2 = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, pos="learned", norm="layernorm",
-            mlp="gelu", bias=True)
+GPT2 = dict(
+    vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, pos="learned", norm="layernorm", mlp="gelu", bias=True
+)
 
 
 def test_gpt2_small_has_gpt2_parameter_count():
-    cfg = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, pos="learned",
-                    norm="layernorm", mlp="gelu", bias=True)
+    cfg = GPTConfig(
+        vocab_size=50257,
+        block_size=1024,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        pos="learned",
+        norm="layernorm",
+        mlp="gelu",
+        bias=True,
+    )
     with torch.device("meta"):
         model = GPT(cfg)
     assert model.num_params() == 124_439_808  # the published GPT-2 small count (tied head counted once)
@@ -54,8 +64,10 @@ def test_seeded_sampling_is_reproducible_and_filters():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**LLAMA)).eval()
     p = torch.randint(0, 97, (1, 4))
-    runs = [model.generate(p, 15, temperature=1.0, top_k=10, top_p=0.9,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        model.generate(p, 15, temperature=1.0, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
     assert torch.equal(*runs)
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.0, -1.0]])
     for _ in range(50):
@@ -90,22 +102,40 @@ def test_matches_transformers_llama():
     cfg = GPTConfig(**LLAMA, tie_embeddings=False)
     ours = GPT(cfg).eval()
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=cfg.hidden_dim, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=48, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=48,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
     )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    sd = {"model.embed_tokens.weight": ours.wte.weight, "model.norm.weight": ours.ln_f.weight,
-          "lm_head.weight": ours.lm_head.weight}
+    sd = {
+        "model.embed_tokens.weight": ours.wte.weight,
+        "model.norm.weight": ours.ln_f.weight,
+        "lm_head.weight": ours.lm_head.weight,
+    }
     for i, b in enumerate(ours.h):
         p = f"model.layers.{i}."
-        sd.update({
-            p + "input_layernorm.weight": b.ln_1.weight, p + "post_attention_layernorm.weight": b.ln_2.weight,
-            p + "self_attn.q_proj.weight": b.attn.c_q.weight, p + "self_attn.k_proj.weight": b.attn.c_k.weight,
-            p + "self_attn.v_proj.weight": b.attn.c_v.weight, p + "self_attn.o_proj.weight": b.attn.c_proj.weight,
-            p + "mlp.gate_proj.weight": b.mlp.c_gate.weight, p + "mlp.up_proj.weight": b.mlp.c_fc.weight,
-            p + "mlp.down_proj.weight": b.mlp.c_proj.weight,
-        })
+        sd.update(
+            {
+                p + "input_layernorm.weight": b.ln_1.weight,
+                p + "post_attention_layernorm.weight": b.ln_2.weight,
+                p + "self_attn.q_proj.weight": b.attn.c_q.weight,
+                p + "self_attn.k_proj.weight": b.attn.c_k.weight,
+                p + "self_attn.v_proj.weight": b.attn.c_v.weight,
+                p + "self_attn.o_proj.weight": b.attn.c_proj.weight,
+                p + "mlp.gate_proj.weight": b.mlp.c_gate.weight,
+                p + "mlp.up_proj.weight": b.mlp.c_fc.weight,
+                p + "mlp.down_proj.weight": b.mlp.c_proj.weight,
+            }
+        )
     missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     assert not unexpected and all("rotary" in m for m in missing)
     x = torch.randint(0, 97, (2, 20))

@@ -28,18 +28,32 @@ def _copy_run(src, dst):
 
 
 def test_resume_continues_and_matches_uninterrupted(trained_run, corpus, tmp_path):
-    """Train 12 steps in one go vs 6 + resume to 12: identical weights (the kill -9 version is tests/test_resume_kill.py)."""
+    """12 steps in one go vs 6 + resume to 12: identical weights (kill -9 version: tests/test_resume_kill.py)."""
     run = _copy_run(trained_run, tmp_path / "run")
     shutil.rmtree(run / "pretrain" / "checkpoints" / "step-00000012")
     (run / "pretrain" / "checkpoints" / "best.json").unlink()
-    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
-               "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6", "--resume"])
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={corpus}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--train.max_steps=12",
+            "--train.save_every=6",
+            "--train.eval_every=6",
+            "--resume",
+        ]
+    )
     assert rc == 0
     a = ck.verify(run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
     b = ck.verify(trained_run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
     assert a == b
-    steps = [json.loads(x)["step"] for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    steps = [
+        json.loads(x)["step"]
+        for x in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated tail after resume
 
 
@@ -47,8 +61,18 @@ def test_resume_continues_and_matches_uninterrupted(trained_run, corpus, tmp_pat
 def test_resume_refuses_other_model_size(trained_run, corpus, tmp_path, capsys, flag, named):
     run = _copy_run(trained_run, tmp_path / "run")
     before = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
-    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN, flag,
-               "--train.max_steps=20", "--resume"])
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={corpus}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            flag,
+            "--train.max_steps=20",
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and named in err and len(err.splitlines()) == 1
     assert ck.verify(ck.latest(run / "pretrain" / "checkpoints")) == before  # nothing damaged
@@ -59,8 +83,18 @@ def test_resume_refuses_other_tokenizer(trained_run, corpus, tmp_path, capsys):
 
     run = _copy_run(trained_run, tmp_path / "run")
     tokenizer.run(tokenizer.Config(run_dir=str(run), input=str(corpus), vocab_size=800))
-    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
-               "--model.vocab_size=1024", "--train.max_steps=20", "--resume"])
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={corpus}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--model.vocab_size=1024",
+            "--train.max_steps=20",
+            "--resume",
+        ]
+    )
     assert rc == 2 and "different tokenizer" in capsys.readouterr().err
 
 
@@ -68,8 +102,19 @@ def test_nan_run_stops_nonzero_and_keeps_last_good_checkpoint(trained_run, corpu
     run = _copy_run(trained_run, tmp_path / "run")
     good = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
     monkeypatch.setenv("GPTFORGE_FAULT", "nan_loss@steps=13-100")
-    rc = main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN,
-               "--train.max_steps=30", "--train.save_every=2", "--train.max_nonfinite=3", "--resume"])
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={corpus}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--train.max_steps=30",
+            "--train.save_every=2",
+            "--train.max_nonfinite=3",
+            "--resume",
+        ]
+    )
     assert rc == 2 and "non-finite" in capsys.readouterr().err
     latest = ck.latest(run / "pretrain" / "checkpoints")
     # Step 13 trains, the steps counted 14.. are NaN: the save at 14 holds finite weights, then 3 skips in a row stop.

@@ -6,8 +6,11 @@ from hypothesis import strategies as st
 
 from gptforge.tokenizer.bpe import SPECIAL_TOKENS, Tokenizer, script_of, tokenizer_stats, train_bpe
 
-TEXTS = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "To be, or not to be, that is the question.",
-         "Shall I compare thee to a summer's day? 春眠不觉晓，处处闻啼鸟。"] * 50
+TEXTS = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "To be, or not to be, that is the question.",
+    "Shall I compare thee to a summer's day? 春眠不觉晓，处处闻啼鸟。",
+] * 50
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +20,28 @@ def tok() -> Tokenizer:
 
 # Any Unicode scalar value (lone surrogates are not encodable text), biased towards the hard cases.
 UNICODE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
-HARD = st.sampled_from(["\u0301", "e\u0301", "🧑‍🚀", "\x00", "\x1b[31m", "\r\n", "\t", "　", "ｆｕｌｌ", "𠀀", "\ufeff",
-                        "<|eos|>", "<|user|>hi<|end|>", "<|", "|>", " ", "  ", "\u200d"])
+HARD = st.sampled_from(
+    [
+        "\u0301",
+        "e\u0301",
+        "🧑‍🚀",
+        "\x00",
+        "\x1b[31m",
+        "\r\n",
+        "\t",
+        "　",
+        "ｆｕｌｌ",
+        "𠀀",
+        "\ufeff",
+        "<|eos|>",
+        "<|user|>hi<|end|>",
+        "<|",
+        "|>",
+        " ",
+        "  ",
+        "\u200d",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)

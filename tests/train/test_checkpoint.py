@@ -14,15 +14,17 @@ CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
 
 def save(root, step, model=None, keep_last=3):
     model = model or GPT(CFG)
-    return ck.save(root, step, model, {"loop": {"step": step}}, {"model": CFG.model_dump()}, rng_state(), RT,
-                   keep_last=keep_last)
+    return ck.save(
+        root, step, model, {"loop": {"step": step}}, {"model": CFG.model_dump()}, rng_state(), RT, keep_last=keep_last
+    )
 
 
 def test_commit_layout_and_verify(tmp_path):
     d = save(tmp_path, 5)
     assert d.name == "step-00000005"
     assert {"model.safetensors", "trainer.pt", "rng_rank0.pt", "meta.json", "manifest.json"} <= {
-        f.name for f in d.iterdir()}
+        f.name for f in d.iterdir()
+    }
     files = ck.verify(d)
     assert "manifest.json" not in files and "model.safetensors" in files
     assert not list(tmp_path.glob(".tmp-*"))
@@ -92,7 +94,8 @@ def test_other_model_size_is_refused_by_name(tmp_path):
         ck.load_weights(d, GPT(CFG.model_copy(update={"n_embd": 32})))
     meta = json.loads((d / "meta.json").read_text())
     assert ck.diff_fields(meta["model"], {**meta["model"], "n_layer": 3}, "model.") == [
-        "model.n_layer: checkpoint 1, config 3"]
+        "model.n_layer: checkpoint 1, config 3"
+    ]
 
 
 def test_resolve_reports_missing(tmp_path):

@@ -7,8 +7,19 @@ from gptforge.train.optim import lr_at, param_groups
 
 
 def test_no_weight_decay_on_norms_biases_embeddings():
-    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16, pos="learned",
-                         norm="layernorm", mlp="gelu", bias=True))
+    model = GPT(
+        GPTConfig(
+            vocab_size=64,
+            block_size=16,
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            pos="learned",
+            norm="layernorm",
+            mlp="gelu",
+            bias=True,
+        )
+    )
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

@@ -4,7 +4,7 @@ import torch
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.runtime import Runtime
 from gptforge.train.optim import build_optimizer
-from gptforge.train.trainer import NonFiniteError, Trainer, TrainConfig
+from gptforge.train.trainer import NonFiniteError, TrainConfig, Trainer
 
 CPU32 = Runtime(device=torch.device("cpu"), dtype=torch.float32)
 CFG = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -18,8 +18,16 @@ def lm_loss(m, batch):
 def make_trainer(micro: int, accum: int, data: torch.Tensor, steps: int = 4, **kw):
     torch.manual_seed(0)
     model = GPT(CFG)
-    cfg = TrainConfig(max_steps=steps, micro_batch_size=micro, grad_accum=accum, lr=1e-2, warmup_steps=1,
-                      eval_every=1000, save_every=1000, **kw)
+    cfg = TrainConfig(
+        max_steps=steps,
+        micro_batch_size=micro,
+        grad_accum=accum,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=1000,
+        save_every=1000,
+        **kw,
+    )
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps, CPU32.device)
     chunks = iter(data.split(micro))
 

@@ -1,7 +1,7 @@
 """Documents -> memory-mapped token shards, with a deterministic train/validation split.
 
-Each piece of text is encoded between the BOS and EOS ids (generation prompts start with BOS too), then appended to the current shard of its split. Shards are
-flat arrays (uint16 when the vocabulary fits, else uint32) written to a temporary folder and renamed into place with
+Each piece of text is encoded between the BOS and EOS ids (generation prompts start with BOS too), then appended
+to the current shard of its split. Shards are flat arrays (uint16 when the vocabulary fits, else uint32) written to a temporary folder and renamed into place with
 a `meta.json` carrying counts, the tokenizer hash and a fingerprint of the input, so a later run with the same input
 and tokenizer reuses them and a changed input rebuilds them.
 
@@ -15,9 +15,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -101,8 +101,13 @@ def build_token_shards(
     when the input fingerprint and tokenizer hash match."""
     out = Path(out_dir)
     fingerprint = input_fingerprint(input_path)
-    key = {"input_fingerprint": fingerprint, "tokenizer_sha256": tok.sha256(), "val_fraction": val_fraction,
-           "seed": seed, "piece_chars": piece_chars}
+    key = {
+        "input_fingerprint": fingerprint,
+        "tokenizer_sha256": tok.sha256(),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "piece_chars": piece_chars,
+    }
     if (out / META).is_file():
         meta = json.loads((out / META).read_text())
         if all(meta.get(k) == v for k, v in key.items()):

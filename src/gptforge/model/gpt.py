@@ -43,7 +43,7 @@ class GPTConfig(BaseModel):
     norm_eps: float = Field(1e-5, gt=0, description="Epsilon of the normalization layers.")
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "GPTConfig":
+    def _check_heads(self) -> GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:

@@ -44,14 +44,25 @@ def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dic
     x = torch.tensor([ids], device=runtime.device)
     t0 = time.perf_counter()
     with runtime.autocast():
-        y = model.generate(x, n_new, cfg.temperature, cfg.top_k or None, cfg.top_p, generator=gen,
-                           stop_ids={tok.eos_id} if cfg.stop_at_eos else None)
+        y = model.generate(
+            x,
+            n_new,
+            cfg.temperature,
+            cfg.top_k or None,
+            cfg.top_p,
+            generator=gen,
+            stop_ids={tok.eos_id} if cfg.stop_at_eos else None,
+        )
     dt = time.perf_counter() - t0
-    new = y[0, len(ids):].tolist()
+    new = y[0, len(ids) :].tolist()
     if cfg.stop_at_eos and tok.eos_id in new:
         new = new[: new.index(tok.eos_id)]
-    return {"prompt": prompt, "completion": tok.decode(new, skip_special=True), "new_tokens": len(new),
-            "tokens_per_s": round(len(new) / dt, 1) if dt > 0 else None}
+    return {
+        "prompt": prompt,
+        "completion": tok.decode(new, skip_special=True),
+        "new_tokens": len(new),
+        "tokens_per_s": round(len(new) / dt, 1) if dt > 0 else None,
+    }
 
 
 def run(cfg: Config, runtime: Runtime) -> dict:

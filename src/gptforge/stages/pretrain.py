@@ -25,7 +25,7 @@ from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train.metrics import MetricsLog, plot_losses
 from gptforge.train.optim import build_optimizer
-from gptforge.train.trainer import LoopState, Trainer, TrainConfig
+from gptforge.train.trainer import LoopState, TrainConfig, Trainer
 
 
 class DataConfig(BaseModel):
@@ -48,7 +48,9 @@ class Config(BaseModel):
     resume: bool = Field(False, description="Continue from the newest committed checkpoint of this run.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field("auto", description="Autocast dtype: auto (bf16 where fast), bfloat16 or float32.")
-    compile: bool = Field(False, description="torch.compile the model (pays off on GPU; little gain on small CPU runs).")
+    compile: bool = Field(
+        False, description="torch.compile the model (pays off on GPU; little gain on small CPU runs)."
+    )
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs gptforge[viz]).")
     progress: bool = Field(True, description="Show the progress bar.")
@@ -116,11 +118,19 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     if runtime.is_main:
         save_config(cfg, out)
         meta_shards = build_token_shards(
-            resolve_input(cfg.input), tok, out / "tokens", cfg.data.val_fraction, cfg.data.seed,
-            cfg.data.piece_chars, cfg.data.shard_tokens, text_field=cfg.data.text_field,
+            resolve_input(cfg.input),
+            tok,
+            out / "tokens",
+            cfg.data.val_fraction,
+            cfg.data.seed,
+            cfg.data.piece_chars,
+            cfg.data.shard_tokens,
+            text_field=cfg.data.text_field,
         )
-        print(f"data: {meta_shards['documents']} documents -> {meta_shards['train_tokens']:,} train / "
-              f"{meta_shards['val_tokens']:,} val tokens ({meta_shards['dtype']} shards in {out / 'tokens'})")
+        print(
+            f"data: {meta_shards['documents']} documents -> {meta_shards['train_tokens']:,} train / "
+            f"{meta_shards['val_tokens']:,} val tokens ({meta_shards['dtype']} shards in {out / 'tokens'})"
+        )
     runtime.barrier()
     seq = model_cfg.block_size
     train_windows = TokenWindows(out / "tokens", "train", seq)
@@ -128,13 +138,13 @@ def run(cfg: Config, runtime: Runtime) -> dict:
 
     seed_everything(cfg.seed)
     model = GPT(model_cfg).to(runtime.device)
-    optimizer = build_optimizer(model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2),
-                                cfg.train.eps, runtime.device)
+    optimizer = build_optimizer(
+        model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps, runtime.device
+    )
     sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
     ckpt_dir = out / "checkpoints"
 
     resume_from = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
-    loop_state = None
     trainer_sd = None
     if resume_from:
         ckpt_lib.verify(resume_from)
@@ -171,10 +181,24 @@ def run(cfg: Config, runtime: Runtime) -> dict:
 
     def save(state: LoopState, is_best: bool) -> None:
         sd = {**trainer.state_dict(), "sampler": sampler.state_dict()}
-        meta = {"model": model_cfg.model_dump(), "stage": "pretrain", "config": cfg.model_dump(mode="json"),
-                "tokenizer_sha256": tok.sha256(), "tokens": state.tokens}
-        path = ckpt_lib.save(ckpt_dir, state.step, raw_model, sd, meta, rng_state(), runtime,
-                             tokenizer_file=tok.path, keep_last=cfg.train.keep_last)
+        meta = {
+            "model": model_cfg.model_dump(),
+            "stage": "pretrain",
+            "config": cfg.model_dump(mode="json"),
+            "tokenizer_sha256": tok.sha256(),
+            "tokens": state.tokens,
+        }
+        path = ckpt_lib.save(
+            ckpt_dir,
+            state.step,
+            raw_model,
+            sd,
+            meta,
+            rng_state(),
+            runtime,
+            tokenizer_file=tok.path,
+            keep_last=cfg.train.keep_last,
+        )
         if is_best and runtime.is_main:
             ckpt_lib.mark_best(ckpt_dir, path, {"step": state.step, "val_loss": state.best_val})
 
@@ -187,18 +211,31 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         return x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
 
     trainer = Trainer(
-        model, optimizer, cfg.train, runtime, next_batch, loss_fn, tokens_per_batch=lambda b: b[0].numel(),
-        evaluate=make_evaluator(model, val_windows, cfg, runtime), save=save, log=log, progress=cfg.progress,
+        model,
+        optimizer,
+        cfg.train,
+        runtime,
+        next_batch,
+        loss_fn,
+        tokens_per_batch=lambda b: b[0].numel(),
+        evaluate=make_evaluator(model, val_windows, cfg, runtime),
+        save=save,
+        log=log,
+        progress=cfg.progress,
     )
     if trainer_sd:
         trainer.load_state_dict(trainer_sd)
     n_params = raw_model.num_params()
     if runtime.is_main:
-        print(f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M "
-              f"non-embedding), {raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token; {runtime.describe()}")
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters ({raw_model.num_params(non_embedding=True) / 1e6:.2f}M "
+            f"non-embedding), {raw_model.flops_per_token() / 1e6:.1f} MFLOPs/token; {runtime.describe()}"
+        )
         tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * seq * runtime.world_size
-        print(f"train: {cfg.train.max_steps} steps x {tokens_per_step:,} tokens = "
-              f"{cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens; {len(train_windows):,} windows per epoch")
+        print(
+            f"train: {cfg.train.max_steps} steps x {tokens_per_step:,} tokens = "
+            f"{cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens; {len(train_windows):,} windows per epoch"
+        )
     t0 = time.perf_counter()
     start_step = trainer.state.step
     try:
@@ -208,12 +245,26 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             metrics.close()
     elapsed = time.perf_counter() - t0
     summary = {
-        "steps": state.step, "tokens": state.tokens, "params": n_params, "best_val_loss": state.best_val,
-        "val": trainer.last_eval, "skipped_steps": state.skipped_total, "stop_reason": trainer.stop_reason,
-        "seconds": round(elapsed, 1), "flops_per_token": raw_model.flops_per_token(),
-        "tokens_per_s": round((state.step - start_step) * cfg.train.micro_batch_size * cfg.train.grad_accum * seq
-                              * runtime.world_size / max(elapsed, 1e-9), 1),
-        "checkpoint": str(ckpt_lib.latest(ckpt_dir)), "best_checkpoint": str(ckpt_lib.best(ckpt_dir)),
+        "steps": state.step,
+        "tokens": state.tokens,
+        "params": n_params,
+        "best_val_loss": state.best_val,
+        "val": trainer.last_eval,
+        "skipped_steps": state.skipped_total,
+        "stop_reason": trainer.stop_reason,
+        "seconds": round(elapsed, 1),
+        "flops_per_token": raw_model.flops_per_token(),
+        "tokens_per_s": round(
+            (state.step - start_step)
+            * cfg.train.micro_batch_size
+            * cfg.train.grad_accum
+            * seq
+            * runtime.world_size
+            / max(elapsed, 1e-9),
+            1,
+        ),
+        "checkpoint": str(ckpt_lib.latest(ckpt_dir)),
+        "best_checkpoint": str(ckpt_lib.best(ckpt_dir)),
     }
     if runtime.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")

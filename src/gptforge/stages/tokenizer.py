@@ -7,7 +7,7 @@ separately for Chinese and English lines) and the resolved `config.yaml`.
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,8 +27,10 @@ class Config(BaseModel):
     vocab_size: int = Field(8192, ge=300, le=1_000_000, description="Vocabulary size including special tokens.")
     min_frequency: int = Field(2, ge=1, description="Minimum pair count for a merge.")
     balance_scripts: float = Field(
-        20.0, ge=1.0, description="Repeat the minority script's (Chinese or English) lines up to this many times "
-        "during training so both get a fair share of merges; 1 disables."
+        20.0,
+        ge=1.0,
+        description="Repeat the minority script's (Chinese or English) lines up to this many times "
+        "during training so both get a fair share of merges; 1 disables.",
     )
 
 
@@ -81,8 +83,10 @@ def _weighted_texts(src, cfg: Config, weights: dict[str, int]) -> Iterator[str]:
 
 
 def format_stats(stats: dict) -> str:
-    rows = [f"tokenizer: vocab {stats['vocab_size']}, trained in {stats['train_seconds']} s",
-            f"  {'script':<8}{'lines':>8}{'chars':>10}{'tokens':>10}{'chars/token':>13}{'bytes/token':>13}"]
+    rows = [
+        f"tokenizer: vocab {stats['vocab_size']}, trained in {stats['train_seconds']} s",
+        f"  {'script':<8}{'lines':>8}{'chars':>10}{'tokens':>10}{'chars/token':>13}{'bytes/token':>13}",
+    ]
     for s in ("zh", "en"):
         d = stats[s]
         cpt = d["chars_per_token"] if d["chars_per_token"] is not None else "-"

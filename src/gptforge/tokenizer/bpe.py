@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -57,7 +57,7 @@ class Tokenizer:
         self._special_re = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
@@ -123,6 +123,7 @@ class Tokenizer:
 
 # --- statistics -----------------------------------------------------------------------------------------------
 
+
 def is_cjk(ch: str) -> bool:
     cp = ord(ch)
     return (
@@ -186,5 +187,8 @@ def tokenizer_stats(tok: Tokenizer, texts: Iterator[str], max_lines: int = 200_0
             stats[s].chars += len(line)
             stats[s].bytes += len(line.encode("utf-8"))
             stats[s].tokens += len(ids)
-    return {"vocab_size": tok.vocab_size, "lines": {k: len(v) for k, v in lines.items()},
-            **{k: v.as_dict() for k, v in stats.items()}}
+    return {
+        "vocab_size": tok.vocab_size,
+        "lines": {k: len(v) for k, v in lines.items()},
+        **{k: v.as_dict() for k, v in stats.items()},
+    }

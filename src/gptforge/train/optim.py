@@ -16,7 +16,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay only matrices of linear layers. Norm gains, biases and embeddings get no weight decay: shrinking them
     towards zero has no regularizing meaning (GPT-2/nanoGPT, Llama practice)."""
     decay, no_decay, seen = [], [], set()
-    for mod_name, module in model.named_modules():
+    for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue

@@ -14,9 +14,10 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -141,8 +142,13 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         st.step += 1
         st.tokens += tokens * self.rt.world_size
-        return {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm), "finite": finite,
-                "tokens": tokens * self.rt.world_size}
+        return {
+            "loss": float(loss),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "finite": finite,
+            "tokens": tokens * self.rt.world_size,
+        }
 
     def _run_eval(self) -> bool:
         """Evaluate, keep the best checkpoint, and return True when early stopping says stop."""
@@ -177,11 +183,18 @@ class Trainer:
             out = self.train_step()
             tok_window += out["tokens"]
             if not out["finite"]:
-                self.log({"step": st.step, "skipped": "non-finite loss or gradient", "loss": None,
-                          "grad_norm": out["grad_norm"]})
+                self.log(
+                    {
+                        "step": st.step,
+                        "skipped": "non-finite loss or gradient",
+                        "loss": None,
+                        "grad_norm": out["grad_norm"],
+                    }
+                )
                 if bar:
-                    bar.write(f"step {st.step}: non-finite loss/gradient, step skipped "
-                              f"({st.nonfinite_in_a_row} in a row)")
+                    bar.write(
+                        f"step {st.step}: non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)"
+                    )
                 if st.nonfinite_in_a_row >= cfg.max_nonfinite:
                     if bar:
                         bar.close()
@@ -196,8 +209,16 @@ class Trainer:
                 tok_s = tok_window / dt if dt > 0 else 0.0
                 t_window, tok_window = time.perf_counter(), 0
                 if out["finite"]:
-                    self.log({"step": st.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                              "tokens": st.tokens, "tok_s": tok_s})
+                    self.log(
+                        {
+                            "step": st.step,
+                            "loss": out["loss"],
+                            "lr": out["lr"],
+                            "grad_norm": out["grad_norm"],
+                            "tokens": st.tokens,
+                            "tok_s": tok_s,
+                        }
+                    )
                 if bar:
                     bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
             stop = False
