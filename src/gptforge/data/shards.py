@@ -1,9 +1,9 @@
 """Documents -> memory-mapped token shards, with a deterministic train/validation split.
 
 Each piece of text is encoded between the BOS and EOS ids (generation prompts start with BOS too), then appended
-to the current shard of its split. Shards are flat arrays (uint16 when the vocabulary fits, else uint32) written to a temporary folder and renamed into place with
-a `meta.json` carrying counts, the tokenizer hash and a fingerprint of the input, so a later run with the same input
-and tokenizer reuses them and a changed input rebuilds them.
+to the current shard of its split. Shards are flat arrays (uint16 when the vocabulary fits, else uint32) written to a
+temporary folder and renamed into place with a `meta.json` carrying counts, the tokenizer hash and a fingerprint of
+the input, so a later run with the same input and tokenizer reuses them and a changed input rebuilds them.
 
 The split is by piece: a piece goes to validation when a hash of (seed, source id) falls under `val_fraction`. It is
 independent of file order, worker count and machine, and no text is in both splits.
