@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge import SAMPLE
+from gptforge.artifacts import save_config, stage_dir
 from gptforge.model.gpt import GPTConfig
 from gptforge.runtime import Runtime
 from gptforge.stages import generate, pretrain, tokenizer
@@ -61,6 +62,7 @@ def banner(text: str) -> None:
 
 def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
+    save_config(cfg, stage_dir(cfg.run_dir, "demo"))
     banner("1/3 tokenizer: byte-level BPE trained on the corpus")
     tok_stats = tokenizer.run(
         tokenizer.Config(run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size), runtime
