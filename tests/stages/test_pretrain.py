@@ -61,6 +61,7 @@ def test_resume_continues_and_matches_uninterrupted(trained_run, corpus, tmp_pat
 def test_resume_refuses_other_model_size(trained_run, corpus, tmp_path, capsys, flag, named):
     run = _copy_run(trained_run, tmp_path / "run")
     before = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
+    written = {f: (run / "pretrain" / f).read_bytes() for f in ("config.yaml", "tokens/meta.json", "metrics.jsonl")}
     rc = main(
         [
             "pretrain",
@@ -76,6 +77,7 @@ def test_resume_refuses_other_model_size(trained_run, corpus, tmp_path, capsys, 
     err = capsys.readouterr().err.strip()
     assert rc == 2 and named in err and len(err.splitlines()) == 1
     assert ck.verify(ck.latest(run / "pretrain" / "checkpoints")) == before  # nothing damaged
+    assert written == {f: (run / "pretrain" / f).read_bytes() for f in written}
 
 
 def test_resume_refuses_other_tokenizer(trained_run, corpus, tmp_path, capsys):
@@ -121,3 +123,25 @@ def test_nan_run_stops_nonzero_and_keeps_last_good_checkpoint(trained_run, corpu
     assert latest.name == "step-00000014"
     assert ck.verify(latest)
     assert ck.verify(run / "pretrain" / "checkpoints" / "step-00000012") == good
+
+
+def test_resume_refuses_changed_input(trained_run, corpus, tmp_path, capsys):
+    run = _copy_run(trained_run, tmp_path / "run")
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    (data / "extra.txt").write_text("More text arrives. " * 200)
+    rc = main(
+        [
+            "pretrain",
+            f"--run_dir={run}",
+            f"--input={data}",
+            *TINY_MODEL,
+            *TINY_TRAIN,
+            "--train.max_steps=20",
+            "--resume",
+        ]
+    )
+    assert rc == 2 and "training text changed" in capsys.readouterr().err
+    assert (run / "pretrain" / "tokens" / "meta.json").read_bytes() == (
+        trained_run / "pretrain" / "tokens" / "meta.json"
+    ).read_bytes()  # the shards of the run were not rebuilt

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gptforge import SAMPLE, resolve_input
 from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
 from gptforge.data.sampler import WindowSampler
-from gptforge.data.shards import TokenWindows, build_token_shards
+from gptforge.data.shards import TokenWindows, build_token_shards, input_fingerprint
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
 from gptforge.tokenizer.bpe import Tokenizer
@@ -74,10 +74,13 @@ def resolve_model_config(cfg: Config, tok: Tokenizer) -> GPTConfig:
     return model
 
 
-def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, runtime: Runtime, ckpt: Path) -> None:
+def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, runtime: Runtime, ckpt: Path, data: str) -> None:
     problems = ckpt_lib.diff_fields(meta["model"], model_cfg.model_dump(), "model.")
     if meta.get("tokenizer_sha256") != tok.sha256():
         problems.append("tokenizer: checkpoint was trained with a different tokenizer.json")
+    if meta.get("data_fingerprint") != data:
+        # The data cursor indexes the old shards; continuing on changed text would silently replay or skip data.
+        problems.append("input: the training text changed since the checkpoint (start a new run_dir to train on it)")
     if meta.get("world_size") != runtime.world_size:
         problems.append(f"world_size: checkpoint {meta.get('world_size')}, this run {runtime.world_size}")
     if problems:
@@ -115,10 +118,19 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     out = stage_dir(cfg.run_dir, "pretrain")
     tok = Tokenizer.load(_tokenizer_path(cfg))
     model_cfg = resolve_model_config(cfg, tok)
+    src = resolve_input(cfg.input)
+    data_fingerprint = input_fingerprint(src)
+    ckpt_dir = out / "checkpoints"
+    # Every check that can refuse the run happens before anything in the run directory is (re)written.
+    resume_from = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
+    if resume_from:
+        ckpt_lib.verify(resume_from)
+        meta = ckpt_lib.read_meta(resume_from)
+        _check_resume(meta, model_cfg, tok, runtime, resume_from, data_fingerprint)
     if runtime.is_main:
         save_config(cfg, out)
         meta_shards = build_token_shards(
-            resolve_input(cfg.input),
+            src,
             tok,
             out / "tokens",
             cfg.data.val_fraction,
@@ -142,14 +154,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps, runtime.device
     )
     sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
-    ckpt_dir = out / "checkpoints"
-
-    resume_from = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
     trainer_sd = None
     if resume_from:
-        ckpt_lib.verify(resume_from)
-        meta = ckpt_lib.read_meta(resume_from)
-        _check_resume(meta, model_cfg, tok, runtime, resume_from)
         ckpt_lib.load_weights(resume_from, model)
         trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank)
         sampler.load_state_dict(trainer_sd["sampler"])
@@ -186,6 +192,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             "stage": "pretrain",
             "config": cfg.model_dump(mode="json"),
             "tokenizer_sha256": tok.sha256(),
+            "data_fingerprint": data_fingerprint,
             "tokens": state.tokens,
         }
         path = ckpt_lib.save(
