@@ -86,6 +86,7 @@ WARMUP_STEPS = 2  # untimed: first-touch allocation and oneDNN primitive creatio
 LAST_N = 10  # "loss at equal tokens" = mean training loss over this many final steps
 GOAL_RATIO = 1.5
 LOSS_TOLERANCE = 0.02  # nats: "equal or better" loss allows this much run-to-run noise
+CONTENDED = 0.05  # a run during which other processes used over 5% of all CPU time is flagged as contended
 
 
 @dataclass
@@ -257,6 +258,51 @@ def n_params(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# CPU contention. On a shared host another tenant (invisible to `ps`) can take a core; with 2 OpenMP threads spinning
+# at barriers, losing one core makes every step several times slower. The load is measured, not guessed: machine-wide
+# busy ticks from /proc/stat minus this process's own ticks.
+
+
+def cpu_snapshot() -> tuple[int, int, int] | None:
+    """(machine busy ticks, machine total ticks, this process's ticks), or None where /proc is missing."""
+    try:
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = vals[3] + vals[4]  # idle + iowait
+    total = sum(vals)  # user nice system idle iowait irq softirq steal
+    return total - idle, total, int(own[11]) + int(own[12])  # utime + stime: fields 14 and 15 of /proc/PID/stat
+
+
+def foreign_share(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> float | None:
+    """Share of all CPU time between two snapshots that went to other processes (0 = machine was ours)."""
+    if a is None or b is None or b[1] <= a[1]:
+        return None
+    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.10) -> float:
+    """Sample one second at a time until other processes use under `threshold` of the CPUs, or give up after
+    `max_wait` seconds. Returns the seconds waited. Starting every run on a quiet machine keeps contention from
+    landing systematically on one contender."""
+    t0 = time.perf_counter()
+    told = False
+    while True:
+        a = cpu_snapshot()
+        time.sleep(1.0)
+        share = foreign_share(a, cpu_snapshot())
+        waited = time.perf_counter() - t0
+        if share is None or share < threshold or waited >= max_wait:
+            if told and share is not None and share >= threshold:
+                print(f"    still busy after {waited:.0f}s ({share:.0%}); running anyway", flush=True)
+            return waited
+        if not told:
+            print(f"    other processes use {share:.0%} of the CPUs; waiting up to {max_wait:.0f}s", flush=True)
+            told = True
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Training runs
 
 
@@ -271,10 +317,18 @@ class Run:
     start: float = 0.0
     val_loss: float = math.nan
     batch_sums: list[int] = field(default_factory=list)
+    cpu_at_timed_start: tuple[int, int, int] | None = None
+    cpu_at_end: tuple[int, int, int] | None = None
+    quiet_wait_s: float = 0.0
 
     def record(self, loss: float) -> None:
         self.step_end.append(time.perf_counter())
         self.losses.append(loss)
+        if len(self.step_end) == WARMUP_STEPS:  # the timed window starts here; reading /proc costs ~0.1 ms
+            self.cpu_at_timed_start = cpu_snapshot()
+
+    def finish(self) -> None:
+        self.cpu_at_end = cpu_snapshot()
 
     def summary(self, hp: Hyper) -> dict:
         t = self.step_end
@@ -292,6 +346,8 @@ class Run:
             "train_loss_last10": statistics.fmean(self.losses[-LAST_N:]),
             "final_loss": self.losses[-1],
             "val_loss": self.val_loss,
+            "foreign_cpu_share": foreign_share(self.cpu_at_timed_start, self.cpu_at_end),
+            "quiet_wait_s": round(self.quiet_wait_s, 1),
         }
 
 
@@ -323,6 +379,7 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
                       evaluate=None, save=None, log=log, progress=False)
     run.start = time.perf_counter()
     state = trainer.fit()
+    run.finish()
     if state.skipped_total or len(run.losses) != hp.steps:
         raise RuntimeError(f"gptforge run skipped {state.skipped_total} non-finite steps; timings would be unequal")
     run.batch_sums = batches.sums
@@ -359,6 +416,7 @@ def run_plain(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
         opt.step()
         opt.zero_grad(set_to_none=True)
         run.record(loss.item())
+    run.finish()
     run.batch_sums = batches.sums
     return model
 
@@ -428,6 +486,12 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
                train_loss["gptforge"] <= train_loss[peer] + LOSS_TOLERANCE for peer in ("hf_llama", "nanogpt_fp32")}
     spread = {name: max(s["tokens_per_s"] for s in rows) / min(s["tokens_per_s"] for s in rows)
               for name, rows in per.items()}
+    contended = {name: sum(1 for s in rows if (s["foreign_cpu_share"] or 0.0) > CONTENDED)
+                 for name, rows in per.items()}
+    clean = {name: [s["tokens_per_s"] for s in rows if (s["foreign_cpu_share"] or 0.0) <= CONTENDED]
+             for name, rows in per.items()}
+    clean_med = {name: statistics.median(v) if v else None for name, v in clean.items()}
+    clean_ok = all(clean_med.values())
     first = {r.name: r for r in runs}
     return {
         "tokens_per_s": med,
@@ -450,7 +514,12 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
             "ratio_vs_hf_from_median_step": med_step["gptforge"] / med_step["hf_llama"],
             "ratio_vs_baseline_from_median_step": med_step["gptforge"] / med_step["nanogpt_fp32"],
             "max_over_min_tokens_per_s": spread,
-            "noisy": any(v > 1.15 for v in spread.values()),
+            "contended_runs": contended,
+            "contended_threshold": CONTENDED,
+            "tokens_per_s_uncontended_median": clean_med,
+            "ratio_vs_hf_uncontended": clean_med["gptforge"] / clean_med["hf_llama"] if clean_ok else None,
+            "ratio_vs_baseline_uncontended": clean_med["gptforge"] / clean_med["nanogpt_fp32"] if clean_ok else None,
+            "noisy": any(v > 1.15 for v in spread.values()) or any(contended.values()),
         },
         "contenders": {name: {"dtype": first[name].dtype, "params": first[name].params} for name in CONTENDERS},
         "runs": per,
@@ -481,9 +550,17 @@ def table(result: dict) -> str:
         f"{result['ratio_vs_baseline']:.2f}x; from median step times: {rob['ratio_vs_hf_from_median_step']:.2f}x, "
         f"{rob['ratio_vs_baseline_from_median_step']:.2f}x. Goal (>= {GOAL_RATIO}x both at equal or better loss, "
         f"tolerance {LOSS_TOLERANCE} nats): {'met' if goal['met'] else 'NOT met'}."
-        + (" Runs of one contender differ by more than 15%: the machine was noisy." if rob["noisy"] else ""),
+        + (f" The machine was noisy (runs with other load > {CONTENDED:.0%} of the CPUs: "
+           + ", ".join(f"{k} {v}" for k, v in rob["contended_runs"].items())
+           + "; max/min tok/s per contender: "
+           + ", ".join(f"{k} {v:.2f}" for k, v in rob["max_over_min_tokens_per_s"].items()) + ")."
+           if rob["noisy"] else ""),
     ]
     return "\n".join(rows)
+
+
+def fmt_share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def update_readme(path: Path, md: str) -> bool:
@@ -507,6 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="runs per contender, interleaved (default %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the .md table is written next to it")
     ap.add_argument("--workdir", type=Path, default=None, help="keep tokenizer and shards here (default: a temp dir)")
+    ap.add_argument("--quiet-wait", type=float, default=120.0,
+                    help="before each run wait up to this many seconds for other load to drop (0: don't)")
     ap.add_argument("--readme", type=Path, default=README,
                     help="README whose marked table is replaced (default %(default)s; '' to skip)")
     args = ap.parse_args(argv)
@@ -531,13 +610,15 @@ def main(argv: list[str] | None = None) -> dict:
         for rep in range(args.repeats):
             for name in CONTENDERS:
                 run = Run(name=name, repeat=rep, dtype="", params=0)
+                run.quiet_wait_s = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
                 model = (run_gptforge if name == "gptforge" else run_plain)(hp, train, run)
                 run.val_loss = val_loss(model, name, val, hp.micro_batch)
                 runs.append(run)
                 s = run.summary(hp)
                 print(f"  [{rep + 1}/{args.repeats}] {name:<13} {s['tokens_per_s']:>8,.0f} tok/s  "
                       f"(median step {s['step_s_median']:.3f}s, max {s['step_s_max']:.3f}s)  "
-                      f"train loss {s['train_loss_last10']:.4f}  val loss {run.val_loss:.4f}", flush=True)
+                      f"train loss {s['train_loss_last10']:.4f}  val loss {run.val_loss:.4f}  "
+                      f"other load {fmt_share(s['foreign_cpu_share'])}", flush=True)
                 del model
                 gc.collect()  # free the previous model's tensors before the next contender allocates its own
 
