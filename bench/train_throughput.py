@@ -33,7 +33,12 @@ Fairness choices:
   checkpoints and no progress bar inside the timed loop for anyone. Each contender runs `--repeats` times,
   interleaved (A, B, C, A, B, C, ...) so slow drift of the machine hits all of them alike; the headline is the median
   over runs. The median of per-step times is also reported: when it disagrees with the run medians, the machine was
-  noisy (shared hosts have episodes where everything runs several times slower).
+  noisy.
+* Contention: on a shared host another tenant, invisible to `ps`, can take a whole core; with two OpenMP threads
+  spinning at barriers every step then runs several times slower. Before each run the script waits (up to
+  `--quiet-wait` seconds) until other processes use under 10% of the CPUs, and it measures, for each run's timed
+  window, the share of machine CPU time that went to other processes (/proc/stat minus this process). Runs above 5%
+  are flagged; the JSON also carries the median over unflagged runs. Numbers from a flagged run are not trustworthy.
 * Loss at equal tokens: each run trains on exactly `steps * micro_batch * block_size` tokens. Reported: the mean
   training loss over the last 10 steps, and the loss on all held-out validation windows evaluated after training by
   one shared fp32 function (no autocast, same windows, same batching) for all three.

@@ -150,8 +150,8 @@ class Trainer:
             "tokens": tokens * self.rt.world_size,
         }
 
-    def _run_eval(self) -> bool:
-        """Evaluate, keep the best checkpoint, and return True when early stopping says stop."""
+    def _run_eval(self) -> tuple[bool, bool]:
+        """Evaluate and track the best value; return (stop by early stopping, improved)."""
         st, cfg = self.state, self.cfg
         metrics = self.evaluate(st)
         self.last_eval = metrics
@@ -162,12 +162,25 @@ class Trainer:
         else:
             st.evals_since_best += 1
         self.log({"step": st.step, **metrics, "best": improved})
-        if improved and self.save:
-            self.save(st, True)
         if cfg.early_stop_patience and st.evals_since_best >= cfg.early_stop_patience:
             self.stop_reason = f"early stop: {self.monitor} did not improve for {st.evals_since_best} evals"
-            return True
-        return False
+            return True, improved
+        return False, improved
+
+    def _on_nonfinite(self, out: dict[str, float], bar) -> None:
+        st = self.state
+        self.log(
+            {"step": st.step, "skipped": "non-finite loss or gradient", "loss": None, "grad_norm": out["grad_norm"]}
+        )
+        if bar:
+            bar.write(f"step {st.step}: non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)")
+        if st.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            if bar:
+                bar.close()
+            raise NonFiniteError(
+                f"{st.nonfinite_in_a_row} non-finite steps in a row at step {st.step}; stopping. "
+                "The last good checkpoint is intact; lower train.lr or check the data."
+            )
 
     def fit(self) -> LoopState:
         cfg, st = self.cfg, self.state
@@ -178,30 +191,11 @@ class Trainer:
             bar = tqdm(total=cfg.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
         t_window, tok_window = time.perf_counter(), 0
-        last_saved = -1
         while st.step < cfg.max_steps:
             out = self.train_step()
             tok_window += out["tokens"]
             if not out["finite"]:
-                self.log(
-                    {
-                        "step": st.step,
-                        "skipped": "non-finite loss or gradient",
-                        "loss": None,
-                        "grad_norm": out["grad_norm"],
-                    }
-                )
-                if bar:
-                    bar.write(
-                        f"step {st.step}: non-finite loss/gradient, step skipped ({st.nonfinite_in_a_row} in a row)"
-                    )
-                if st.nonfinite_in_a_row >= cfg.max_nonfinite:
-                    if bar:
-                        bar.close()
-                    raise NonFiniteError(
-                        f"{st.nonfinite_in_a_row} non-finite steps in a row at step {st.step}; stopping. "
-                        "The last good checkpoint is intact; lower train.lr or check the data."
-                    )
+                self._on_nonfinite(out, bar)
             if bar:
                 bar.update(1)
             if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
@@ -209,33 +203,23 @@ class Trainer:
                 tok_s = tok_window / dt if dt > 0 else 0.0
                 t_window, tok_window = time.perf_counter(), 0
                 if out["finite"]:
-                    self.log(
-                        {
-                            "step": st.step,
-                            "loss": out["loss"],
-                            "lr": out["lr"],
-                            "grad_norm": out["grad_norm"],
-                            "tokens": st.tokens,
-                            "tok_s": tok_s,
-                        }
-                    )
+                    keys = ("loss", "lr", "grad_norm")
+                    self.log({"step": st.step, **{k: out[k] for k in keys}, "tokens": st.tokens, "tok_s": tok_s})
                 if bar:
                     bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
-            stop = False
+            stop = improved = False
             if self.evaluate and (st.step % cfg.eval_every == 0 or st.step == cfg.max_steps):
                 self.model.eval()
-                stop = self._run_eval()
+                stop, improved = self._run_eval()
                 self.model.train()
                 if bar:
                     shown = "  ".join(f"{k}={v:.4f}" for k, v in self.last_eval.items())
-                    bar.write(f"step {st.step}: {shown}" + ("  (best so far)" if st.evals_since_best == 0 else ""))
-            if self.save and (st.step % cfg.save_every == 0 or st.step == cfg.max_steps or stop):
-                self.save(st, False)
-                last_saved = st.step
+                    bar.write(f"step {st.step}: {shown}" + ("  (best so far)" if improved else ""))
+            # One save per step at most: periodic, at the end, on early stop, or to keep a new best.
+            if self.save and (st.step % cfg.save_every == 0 or st.step == cfg.max_steps or stop or improved):
+                self.save(st, improved)
             if stop:
                 break
-        if self.save and last_saved != st.step:
-            self.save(st, False)
         if bar:
             bar.close()
         return st
