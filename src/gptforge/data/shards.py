@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,8 +183,3 @@ class TokenWindows:
         s = int(np.searchsorted(self.offsets, i, side="right") - 1)
         start = (i - int(self.offsets[s])) * self.seq_len
         return np.asarray(self.arrays[s][start : start + self.seq_len + 1], dtype=np.int64)
-
-    def iter_all(self, batch_size: int) -> Iterable[np.ndarray]:
-        """Every window once, in order: for a deterministic validation pass."""
-        for b in range(0, len(self), batch_size):
-            yield np.stack([self.window(i) for i in range(b, min(b + batch_size, len(self)))])
