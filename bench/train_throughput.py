@@ -231,8 +231,16 @@ class NanoGPT(nn.Module):
 
 
 def gptforge_config(hp: Hyper) -> GPTConfig:
-    return GPTConfig(vocab_size=hp.vocab_size, block_size=hp.block_size, n_layer=hp.n_layer, n_head=hp.n_head,
-                     n_kv_head=hp.n_kv_head, n_embd=hp.n_embd, dropout=hp.dropout, tie_embeddings=True)
+    return GPTConfig(
+        vocab_size=hp.vocab_size,
+        block_size=hp.block_size,
+        n_layer=hp.n_layer,
+        n_head=hp.n_head,
+        n_kv_head=hp.n_kv_head,
+        n_embd=hp.n_embd,
+        dropout=hp.dropout,
+        tie_embeddings=True,
+    )
 
 
 def build_hf(hp: Hyper) -> nn.Module:
@@ -241,10 +249,20 @@ def build_hf(hp: Hyper) -> nn.Module:
 
     transformers.logging.set_verbosity_error()
     cfg = transformers.LlamaConfig(
-        vocab_size=hp.vocab_size, hidden_size=hp.n_embd, intermediate_size=gptforge_config(hp).hidden_dim,
-        num_hidden_layers=hp.n_layer, num_attention_heads=hp.n_head, num_key_value_heads=hp.n_kv_head,
-        max_position_embeddings=hp.block_size, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-        attention_dropout=hp.dropout, attention_bias=False, mlp_bias=False, use_cache=False,
+        vocab_size=hp.vocab_size,
+        hidden_size=hp.n_embd,
+        intermediate_size=gptforge_config(hp).hidden_dim,
+        num_hidden_layers=hp.n_layer,
+        num_attention_heads=hp.n_head,
+        num_key_value_heads=hp.n_kv_head,
+        max_position_embeddings=hp.block_size,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        attention_dropout=hp.dropout,
+        attention_bias=False,
+        mlp_bias=False,
+        use_cache=False,
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -364,11 +382,22 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
     run.params = n_params(model)
     opt = build_optimizer(model, hp.lr, hp.weight_decay, hp.betas, hp.eps, runtime.device)
     cfg = TrainConfig(
-        max_steps=hp.steps, micro_batch_size=hp.micro_batch, grad_accum=1, lr=hp.lr, min_lr_ratio=hp.min_lr_ratio,
-        warmup_steps=hp.warmup, decay="cosine", weight_decay=hp.weight_decay, beta1=hp.betas[0], beta2=hp.betas[1],
-        eps=hp.eps, grad_clip=hp.grad_clip,
+        max_steps=hp.steps,
+        micro_batch_size=hp.micro_batch,
+        grad_accum=1,
+        lr=hp.lr,
+        min_lr_ratio=hp.min_lr_ratio,
+        warmup_steps=hp.warmup,
+        decay="cosine",
+        weight_decay=hp.weight_decay,
+        beta1=hp.betas[0],
+        beta2=hp.betas[1],
+        eps=hp.eps,
+        grad_clip=hp.grad_clip,
         # Per-step log records give the per-step timestamps; eval and checkpoints are off for every contender.
-        log_every=1, eval_every=hp.steps + 1, save_every=hp.steps + 1,
+        log_every=1,
+        eval_every=hp.steps + 1,
+        save_every=hp.steps + 1,
     )
     batches = Batches(train, hp)
 
@@ -380,8 +409,19 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
         x, y = batch
         return m(x, y)[1]
 
-    trainer = Trainer(model, opt, cfg, runtime, batches.next, loss_fn, tokens_per_batch=lambda b: b[0].numel(),
-                      evaluate=None, save=None, log=log, progress=False)
+    trainer = Trainer(
+        model,
+        opt,
+        cfg,
+        runtime,
+        batches.next,
+        loss_fn,
+        tokens_per_batch=lambda b: b[0].numel(),
+        evaluate=None,
+        save=None,
+        log=log,
+        progress=False,
+    )
     run.start = time.perf_counter()
     state = trainer.fit()
     run.finish()
@@ -394,8 +434,10 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """nanoGPT's `configure_optimizers` rule: decay every parameter with dim >= 2 (matrices and embeddings)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def run_plain(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
@@ -432,8 +474,8 @@ def val_loss(model: nn.Module, name: str, val: TokenWindows, batch_size: int) ->
     get_logits = logits_fn(name)
     model.eval()
     total, count = 0.0, 0
-    for data in val.iter_all(batch_size):
-        d = torch.from_numpy(data)
+    for b in range(0, len(val), batch_size):
+        d = torch.from_numpy(np.stack([val.window(i) for i in range(b, min(b + batch_size, len(val)))]))
         x, y = d[:, :-1], d[:, 1:]
         logits = get_logits(model, x).float()
         total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
@@ -487,14 +529,21 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
     train_loss = {name: statistics.median(s["train_loss_last10"] for s in rows) for name, rows in per.items()}
     val = {name: statistics.median(s["val_loss"] for s in rows) for name, rows in per.items()}
     ratio_hf, ratio_base = med["gptforge"] / med["hf_llama"], med["gptforge"] / med["nanogpt_fp32"]
-    loss_ok = {peer: val["gptforge"] <= val[peer] + LOSS_TOLERANCE and
-               train_loss["gptforge"] <= train_loss[peer] + LOSS_TOLERANCE for peer in ("hf_llama", "nanogpt_fp32")}
-    spread = {name: max(s["tokens_per_s"] for s in rows) / min(s["tokens_per_s"] for s in rows)
-              for name, rows in per.items()}
-    contended = {name: sum(1 for s in rows if (s["foreign_cpu_share"] or 0.0) > CONTENDED)
-                 for name, rows in per.items()}
-    clean = {name: [s["tokens_per_s"] for s in rows if (s["foreign_cpu_share"] or 0.0) <= CONTENDED]
-             for name, rows in per.items()}
+    loss_ok = {
+        peer: val["gptforge"] <= val[peer] + LOSS_TOLERANCE
+        and train_loss["gptforge"] <= train_loss[peer] + LOSS_TOLERANCE
+        for peer in ("hf_llama", "nanogpt_fp32")
+    }
+    spread = {
+        name: max(s["tokens_per_s"] for s in rows) / min(s["tokens_per_s"] for s in rows) for name, rows in per.items()
+    }
+    contended = {
+        name: sum(1 for s in rows if (s["foreign_cpu_share"] or 0.0) > CONTENDED) for name, rows in per.items()
+    }
+    clean = {
+        name: [s["tokens_per_s"] for s in rows if (s["foreign_cpu_share"] or 0.0) <= CONTENDED]
+        for name, rows in per.items()
+    }
     clean_med = {name: statistics.median(v) if v else None for name, v in clean.items()}
     clean_ok = all(clean_med.values())
     first = {r.name: r for r in runs}
@@ -534,32 +583,42 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
 def table(result: dict) -> str:
     tps, loss = result["tokens_per_s"], result["loss_at_equal_tokens"]
     rows = [
-        ("| contender | compute | params | median tok/s | tok/s per run | gptforge speedup | train loss (last 10) "
-         "| val loss |"),
+        (
+            "| contender | compute | params | median tok/s | tok/s per run | gptforge speedup | train loss (last 10) "
+            "| val loss |"
+        ),
         "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for name in CONTENDERS:
         c = result["contenders"][name]
         per_run = ", ".join(f"{r['tokens_per_s']:,.0f}" for r in result["runs"][name])
         speedup = "-" if name == "gptforge" else f"{tps['gptforge'] / tps[name]:.2f}x"
-        rows.append(f"| {name} | {c['dtype']} | {c['params'] / 1e6:.2f}M | {tps[name]:,.0f} | {per_run} | {speedup} "
-                    f"| {loss['train_loss_last10'][name]:.4f} | {loss['val_loss'][name]:.4f} |")
+        rows.append(
+            f"| {name} | {c['dtype']} | {c['params'] / 1e6:.2f}M | {tps[name]:,.0f} | {per_run} | {speedup} "
+            f"| {loss['train_loss_last10'][name]:.4f} | {loss['val_loss'][name]:.4f} |"
+        )
     cfg, m, goal = result["config"], result["machine"], result["goal"]
     rob = result["robustness"]
     rows += [
         "",
-        (f"{cfg['steps']} steps x {cfg['micro_batch']} x {cfg['block_size']} tokens = "
-         f"{loss['tokens']:,} tokens per run, {cfg['repeats']} interleaved runs each, first {WARMUP_STEPS} steps "
-         f"untimed; {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date'][:10]}."),
+        (
+            f"{cfg['steps']} steps x {cfg['micro_batch']} x {cfg['block_size']} tokens = "
+            f"{loss['tokens']:,} tokens per run, {cfg['repeats']} interleaved runs each, first {WARMUP_STEPS} steps "
+            f"untimed; {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}, {m['date'][:10]}."
+        ),
         f"Ratios (median tok/s): vs hf_llama {result['ratio_vs_hf']:.2f}x, vs nanogpt_fp32 "
         f"{result['ratio_vs_baseline']:.2f}x; from median step times: {rob['ratio_vs_hf_from_median_step']:.2f}x, "
         f"{rob['ratio_vs_baseline_from_median_step']:.2f}x. Goal (>= {GOAL_RATIO}x both at equal or better loss, "
         f"tolerance {LOSS_TOLERANCE} nats): {'met' if goal['met'] else 'NOT met'}."
-        + (f" The machine was noisy (runs with other load > {CONTENDED:.0%} of the CPUs: "
-           + ", ".join(f"{k} {v}" for k, v in rob["contended_runs"].items())
-           + "; max/min tok/s per contender: "
-           + ", ".join(f"{k} {v:.2f}" for k, v in rob["max_over_min_tokens_per_s"].items()) + ")."
-           if rob["noisy"] else ""),
+        + (
+            f" The machine was noisy (runs with other load > {CONTENDED:.0%} of the CPUs: "
+            + ", ".join(f"{k} {v}" for k, v in rob["contended_runs"].items())
+            + "; max/min tok/s per contender: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in rob["max_over_min_tokens_per_s"].items())
+            + ")."
+            if rob["noisy"]
+            else ""
+        ),
     ]
     return "\n".join(rows)
 
@@ -589,10 +648,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="runs per contender, interleaved (default %(default)s)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; the .md table is written next to it")
     ap.add_argument("--workdir", type=Path, default=None, help="keep tokenizer and shards here (default: a temp dir)")
-    ap.add_argument("--quiet-wait", type=float, default=120.0,
-                    help="before each run wait up to this many seconds for other load to drop (0: don't)")
-    ap.add_argument("--readme", type=Path, default=README,
-                    help="README whose marked table is replaced (default %(default)s; '' to skip)")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=120.0,
+        help="before each run wait up to this many seconds for other load to drop (0: don't)",
+    )
+    ap.add_argument(
+        "--readme",
+        type=Path,
+        default=README,
+        help="README whose marked table is replaced (default %(default)s; '' to skip)",
+    )
     args = ap.parse_args(argv)
     if args.steps < WARMUP_STEPS + LAST_N:
         ap.error(f"--steps must be at least {WARMUP_STEPS + LAST_N}")
@@ -601,15 +668,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     hp = Hyper(steps=args.steps)
     t_total = time.perf_counter()
+    machine = machine_facts()  # before the runs: the git commit and date describe the code that was measured
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gptforge-bench-")))
         tok_path = prepare_data(workdir, hp.tokenizer_vocab)
         hp.vocab_size = 64 * math.ceil(Tokenizer.load(tok_path).vocab_size / 64)
         train = TokenWindows(workdir / "tokens", "train", hp.block_size)
         val = TokenWindows(workdir / "tokens", "val", hp.block_size)
-        print(f"data: {len(train)} train / {len(val)} val windows of {hp.block_size} tokens; "
-              f"{hp.steps} steps x {hp.tokens_per_step} tokens per run; torch threads {torch.get_num_threads()}",
-              flush=True)
+        print(
+            f"data: {len(train)} train / {len(val)} val windows of {hp.block_size} tokens; "
+            f"{hp.steps} steps x {hp.tokens_per_step} tokens per run; torch threads {torch.get_num_threads()}",
+            flush=True,
+        )
 
         runs: list[Run] = []
         for rep in range(args.repeats):
@@ -620,10 +690,13 @@ def main(argv: list[str] | None = None) -> dict:
                 run.val_loss = val_loss(model, name, val, hp.micro_batch)
                 runs.append(run)
                 s = run.summary(hp)
-                print(f"  [{rep + 1}/{args.repeats}] {name:<13} {s['tokens_per_s']:>8,.0f} tok/s  "
-                      f"(median step {s['step_s_median']:.3f}s, max {s['step_s_max']:.3f}s)  "
-                      f"train loss {s['train_loss_last10']:.4f}  val loss {run.val_loss:.4f}  "
-                      f"other load {fmt_share(s['foreign_cpu_share'])}", flush=True)
+                print(
+                    f"  [{rep + 1}/{args.repeats}] {name:<13} {s['tokens_per_s']:>8,.0f} tok/s  "
+                    f"(median step {s['step_s_median']:.3f}s, max {s['step_s_max']:.3f}s)  "
+                    f"train loss {s['train_loss_last10']:.4f}  val loss {run.val_loss:.4f}  "
+                    f"other load {fmt_share(s['foreign_cpu_share'])}",
+                    flush=True,
+                )
                 del model
                 gc.collect()  # free the previous model's tensors before the next contender allocates its own
 
@@ -634,13 +707,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = aggregate(hp, runs)
     cfg = asdict(hp)
-    cfg.update(repeats=args.repeats, warmup_untimed_steps=WARMUP_STEPS, last_n_loss_steps=LAST_N,
-               tokens_per_step=hp.tokens_per_step, lr_schedule="linear warmup, cosine to min_lr_ratio (lr_at)",
-               gptforge_model=gptforge_config(hp).model_dump(), swiglu_hidden=gptforge_config(hp).hidden_dim,
-               nanogpt_mlp_hidden=4 * hp.n_embd, data="@sample, gptforge BPE tokenizer, WindowSampler(seed)",
-               val_windows=len(val), train_windows=len(train))
-    result = {"benchmark": "train_throughput", **result, "config": cfg, "machine": machine_facts(),
-              "script_seconds": round(time.perf_counter() - t_total, 1)}
+    cfg.update(
+        repeats=args.repeats,
+        warmup_untimed_steps=WARMUP_STEPS,
+        last_n_loss_steps=LAST_N,
+        tokens_per_step=hp.tokens_per_step,
+        lr_schedule="linear warmup, cosine to min_lr_ratio (lr_at)",
+        gptforge_model=gptforge_config(hp).model_dump(),
+        swiglu_hidden=gptforge_config(hp).hidden_dim,
+        nanogpt_mlp_hidden=4 * hp.n_embd,
+        data="@sample, gptforge BPE tokenizer, WindowSampler(seed)",
+        val_windows=len(val),
+        train_windows=len(train),
+    )
+    result = {
+        "benchmark": "train_throughput",
+        **result,
+        "config": cfg,
+        "machine": machine,
+        "script_seconds": round(time.perf_counter() - t_total, 1),
+    }
     result["identical_batches"] = True
 
     md = table(result)
