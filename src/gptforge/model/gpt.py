@@ -142,17 +142,15 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.pos
             kk, v = cache.update(self.layer_idx, kk, v)  # (B, K, S, D) with S = start + T
-        if k != h:  # GQA: each key/value head serves h/k query heads
-            kk = kk.repeat_interleave(h // k, dim=1)
-            v = v.repeat_interleave(h // k, dim=1)
+        gqa = k != h
         dropout = self.config.dropout if self.training else 0.0
         if start == 0:
-            y = F.scaled_dot_product_attention(q, kk, v, is_causal=T > 1, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, kk, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         else:
             # Decoding after a prefix: query i sits at absolute position start+i and may see keys 0..start+i.
             S = kk.size(2)
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, h * d)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
