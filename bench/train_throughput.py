@@ -44,7 +44,7 @@ Fairness choices:
   one shared fp32 function (no autocast, same windows, same batching) for all three.
 
 Writes the JSON (`--out`), a Markdown table next to it, prints the table, and replaces the table between the
-markers in bench/README.md.
+markers in the top-level README.md.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ from gptforge.train.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "train_throughput.json"
-README = ROOT / "bench" / "README.md"
+README = ROOT / "README.md"
 README_BEGIN, README_END = "<!-- train_throughput:begin -->", "<!-- train_throughput:end -->"
 CONTENDERS = ("gptforge", "hf_llama", "nanogpt_fp32")
 WARMUP_STEPS = 2  # untimed: first-touch allocation and oneDNN primitive creation
