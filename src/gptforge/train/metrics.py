@@ -53,7 +53,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
-    """Train loss (raw and smoothed) and validation loss against step. Matplotlib's Agg backend: no display needed."""
+    """Train loss and validation loss against step. Matplotlib's Agg backend: no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,12 +67,8 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (raw)")
-        smooth, ema = [], losses[0]
-        for v in losses:
-            ema = 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(steps, smooth, color="tab:blue", linewidth=1.5, label="train (EMA 0.9)")
+        # Each logged train loss is already the mean over its log interval, so no extra smoothing (which lags).
+        ax.plot(steps, losses, color="tab:blue", linewidth=1.5, label="train (mean over each log interval)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", linewidth=1.5, label="validation")

@@ -190,23 +190,28 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_steps, initial=st.step, desc="train", unit="step", dynamic_ncols=True)
         self.model.train()
-        t_window, tok_window = time.perf_counter(), 0
+        t_window, tok_window, loss_window = time.perf_counter(), 0, []
         while st.step < cfg.max_steps:
             out = self.train_step()
             tok_window += out["tokens"]
-            if not out["finite"]:
+            if out["finite"]:
+                loss_window.append(out["loss"])
+            else:
                 self._on_nonfinite(out, bar)
             if bar:
                 bar.update(1)
             if st.step % cfg.log_every == 0 or st.step == cfg.max_steps:
                 dt = time.perf_counter() - t_window
                 tok_s = tok_window / dt if dt > 0 else 0.0
-                t_window, tok_window = time.perf_counter(), 0
-                if out["finite"]:
-                    keys = ("loss", "lr", "grad_norm")
-                    self.log({"step": st.step, **{k: out[k] for k in keys}, "tokens": st.tokens, "tok_s": tok_s})
-                if bar:
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
+                if loss_window:
+                    # The logged loss is the mean over the steps since the last line: a single step's loss is noisy.
+                    loss = sum(loss_window) / len(loss_window)
+                    keys = ("lr", "grad_norm")
+                    rec = {"step": st.step, "loss": loss, **{k: out[k] for k in keys}, "tokens": st.tokens}
+                    self.log({**rec, "tok_s": tok_s})
+                    if bar:
+                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
+                t_window, tok_window, loss_window = time.perf_counter(), 0, []
             stop = improved = False
             if self.evaluate and (st.step % cfg.eval_every == 0 or st.step == cfg.max_steps):
                 self.model.eval()
