@@ -32,6 +32,13 @@ TINY_TRAIN = [
 ]
 
 
+def pretrain(run: Path, corpus: Path, *extra: str) -> int:
+    """`gptforge pretrain` of the tiny model in-process; returns the exit status."""
+    from gptforge.cli import main
+
+    return main(["pretrain", f"--run_dir={run}", f"--input={corpus}", *TINY_MODEL, *TINY_TRAIN, *extra])
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     from gptforge import sample_data_dir
@@ -57,21 +64,8 @@ def tokenizer_run(tmp_path_factory, corpus) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, corpus, tokenizer_run) -> Path:
     """A run dir with a tiny model pretrained for 12 steps (checkpoints at 6 and 12)."""
-    from gptforge.cli import main
-
     run = tmp_path_factory.mktemp("trained")
     shutil.copytree(tokenizer_run / "tokenizer", run / "tokenizer")
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={corpus}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            "--train.max_steps=12",
-            "--train.save_every=6",
-            "--train.eval_every=6",
-        ]
-    )
+    rc = pretrain(run, corpus, "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6")
     assert rc == 0
     return run

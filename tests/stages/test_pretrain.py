@@ -3,9 +3,8 @@ import shutil
 
 import pytest
 
-from gptforge.cli import main
 from gptforge.train import checkpoint as ck
-from tests.conftest import TINY_MODEL, TINY_TRAIN
+from tests.conftest import pretrain
 
 
 def test_outputs_of_a_run(trained_run):
@@ -32,19 +31,7 @@ def test_resume_continues_and_matches_uninterrupted(trained_run, corpus, tmp_pat
     run = _copy_run(trained_run, tmp_path / "run")
     shutil.rmtree(run / "pretrain" / "checkpoints" / "step-00000012")
     (run / "pretrain" / "checkpoints" / "best.json").unlink()
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={corpus}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            "--train.max_steps=12",
-            "--train.save_every=6",
-            "--train.eval_every=6",
-            "--resume",
-        ]
-    )
+    rc = pretrain(run, corpus, "--train.max_steps=12", "--train.save_every=6", "--train.eval_every=6", "--resume")
     assert rc == 0
     a = ck.verify(run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
     b = ck.verify(trained_run / "pretrain" / "checkpoints" / "step-00000012")["model.safetensors"]
@@ -62,18 +49,7 @@ def test_resume_refuses_other_model_size(trained_run, corpus, tmp_path, capsys, 
     run = _copy_run(trained_run, tmp_path / "run")
     before = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
     written = {f: (run / "pretrain" / f).read_bytes() for f in ("config.yaml", "tokens/meta.json", "metrics.jsonl")}
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={corpus}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            flag,
-            "--train.max_steps=20",
-            "--resume",
-        ]
-    )
+    rc = pretrain(run, corpus, flag, "--train.max_steps=20", "--resume")
     err = capsys.readouterr().err.strip()
     assert rc == 2 and named in err and len(err.splitlines()) == 1
     assert ck.verify(ck.latest(run / "pretrain" / "checkpoints")) == before  # nothing damaged
@@ -85,18 +61,7 @@ def test_resume_refuses_other_tokenizer(trained_run, corpus, tmp_path, capsys):
 
     run = _copy_run(trained_run, tmp_path / "run")
     tokenizer.run(tokenizer.Config(run_dir=str(run), input=str(corpus), vocab_size=800))
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={corpus}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            "--model.vocab_size=1024",
-            "--train.max_steps=20",
-            "--resume",
-        ]
-    )
+    rc = pretrain(run, corpus, "--model.vocab_size=1024", "--train.max_steps=20", "--resume")
     assert rc == 2 and "different tokenizer" in capsys.readouterr().err
 
 
@@ -104,19 +69,7 @@ def test_nan_run_stops_nonzero_and_keeps_last_good_checkpoint(trained_run, corpu
     run = _copy_run(trained_run, tmp_path / "run")
     good = ck.verify(ck.latest(run / "pretrain" / "checkpoints"))
     monkeypatch.setenv("GPTFORGE_FAULT", "nan_loss@steps=13-100")
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={corpus}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            "--train.max_steps=30",
-            "--train.save_every=2",
-            "--train.max_nonfinite=3",
-            "--resume",
-        ]
-    )
+    rc = pretrain(run, corpus, "--train.max_steps=30", "--train.save_every=2", "--train.max_nonfinite=3", "--resume")
     assert rc == 2 and "non-finite" in capsys.readouterr().err
     latest = ck.latest(run / "pretrain" / "checkpoints")
     # Step 13 trains, the steps counted 14.. are NaN: the save at 14 holds finite weights, then 3 skips in a row stop.
@@ -130,17 +83,7 @@ def test_resume_refuses_changed_input(trained_run, corpus, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     (data / "extra.txt").write_text("More text arrives. " * 200)
-    rc = main(
-        [
-            "pretrain",
-            f"--run_dir={run}",
-            f"--input={data}",
-            *TINY_MODEL,
-            *TINY_TRAIN,
-            "--train.max_steps=20",
-            "--resume",
-        ]
-    )
+    rc = pretrain(run, data, "--train.max_steps=20", "--resume")
     assert rc == 2 and "training text changed" in capsys.readouterr().err
     assert (run / "pretrain" / "tokens" / "meta.json").read_bytes() == (
         trained_run / "pretrain" / "tokens" / "meta.json"
