@@ -92,3 +92,8 @@ def test_gpt2_preset_is_124m():
 def test_tokenizer_config_rejects_tiny_vocab():
     with pytest.raises(ConfigError, match="vocab_size"):
         load(tokenizer.Config, None, ["--vocab_size=10"])
+
+
+def test_validation_split_is_required():
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        load(pretrain.Config, None, ["--data.val_fraction=0"])

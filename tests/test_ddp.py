@@ -70,4 +70,31 @@ def test_two_process_gloo_matches_one_process(tmp_path, corpus, tokenizer_run, c
     assert len(losses(two)) == 10
     # ... and is refused at world size 1, naming the mismatch.
     rc = main(["pretrain", f"--run_dir={two}", f"--input={corpus}", *ARGS, "--train.max_steps=12", "--resume"])
-    assert rc == 2 and "world_size: checkpoint 2, this run 1" in capsys.readouterr().err
+    assert rc == 2 and "world_size: checkpoint 2, config 1" in capsys.readouterr().err
+
+
+def test_rank_without_validation_windows_does_not_hang(tmp_path, corpus, tokenizer_run):
+    """1 validation window for 2 ranks: rank 1 evaluates nothing and must still not deadlock; dropout on."""
+    shutil.copytree(tokenizer_run / "tokenizer", tmp_path / "tokenizer")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gptforge",
+        "pretrain",
+        f"--run_dir={tmp_path}",
+        f"--input={corpus}",
+        *ARGS,
+        "--model.dropout=0.1",
+        "--train.micro_batch_size=1",
+        "--train.eval_batches=1",
+        "--train.max_steps=4",
+        "--train.eval_every=2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(val_losses(tmp_path)) == 2

@@ -53,7 +53,7 @@ class Config(BaseModel):
     max_new_tokens: int = Field(80, gt=0)
     temperature: float = Field(0.8, ge=0)
     top_k: int = Field(40, ge=0)
-    resume: bool = Field(False, description="Resume pretraining from this run's newest checkpoint.")
+    resume: bool = Field(False, description="Resume pretraining from this run's newest checkpoint (else start over).")
 
 
 def banner(text: str) -> None:
@@ -77,6 +77,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         dtype=cfg.dtype,
         threads=cfg.threads,
         resume=cfg.resume,
+        overwrite=not cfg.resume,  # running the demo again starts it over
     )
     summary = pretrain.run(pre_cfg, runtime)
     banner("3/3 generate: samples from the best checkpoint (KV cache)")

@@ -72,7 +72,8 @@ def pick_device(name: str) -> torch.device:
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Native bf16 only (Ampere and later): emulated bf16 is slow, and fp16 would need a GradScaler.
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
         if device.type == "cpu" and cpu_supports_bf16():
             return torch.bfloat16
         return torch.float32

@@ -131,3 +131,25 @@ def test_too_little_data_is_named(corpus, tok, tmp_path):
     (tmp_path / "one.txt").write_text("tiny")
     with pytest.raises(DataError, match="validation split is empty"):
         build_token_shards(tmp_path / "one.txt", tok, tmp_path / "u")
+
+
+def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
+    text = "第一行\u2028第二行\u2029第三\u0085段\x1c完"
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [d.text for d in read_documents(tmp_path)] == [text]
+
+
+def test_unpaired_surrogate_is_named(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud83d"}\n')
+    with pytest.raises(DataError, match=r"s.jsonl:2: .*surrogate"):
+        list(read_documents(tmp_path))
+
+
+def test_text_field_change_rebuilds(tmp_path, tok):
+    src = tmp_path / "src"
+    src.mkdir()
+    rows = [{"text": f"long body text number {i} " * 30, "title": f"t{i}"} for i in range(60)]
+    (src / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = build_token_shards(src, tok, tmp_path / "t", val_fraction=0.2)
+    b = build_token_shards(src, tok, tmp_path / "t", val_fraction=0.2, text_field="title")
+    assert b["train_tokens"] + b["val_tokens"] < (a["train_tokens"] + a["val_tokens"]) / 10

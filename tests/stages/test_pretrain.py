@@ -84,7 +84,57 @@ def test_resume_refuses_changed_input(trained_run, corpus, tmp_path, capsys):
     shutil.copytree(corpus, data)
     (data / "extra.txt").write_text("More text arrives. " * 200)
     rc = pretrain(run, data, "--train.max_steps=20", "--resume")
-    assert rc == 2 and "training text changed" in capsys.readouterr().err
+    assert rc == 2 and "input (content hash): checkpoint" in capsys.readouterr().err
     assert (run / "pretrain" / "tokens" / "meta.json").read_bytes() == (
         trained_run / "pretrain" / "tokens" / "meta.json"
     ).read_bytes()  # the shards of the run were not rebuilt
+
+
+def test_fresh_start_over_existing_checkpoints_is_refused(trained_run, corpus, tmp_path, capsys):
+    run = _copy_run(trained_run, tmp_path / "run")
+    before = sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir())
+    rc = pretrain(run, corpus, "--train.max_steps=4")
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds checkpoints" in err and "--resume" in err and "--overwrite" in err
+    assert sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir()) == before
+    assert pretrain(run, corpus, "--resume", "--overwrite") == 2
+
+
+def test_overwrite_starts_over_cleanly(trained_run, corpus, tmp_path):
+    run = _copy_run(trained_run, tmp_path / "run")
+    rc = pretrain(run, corpus, "--train.max_steps=4", "--train.eval_every=4", "--train.save_every=4", "--overwrite")
+    assert rc == 0
+    ckpts = run / "pretrain" / "checkpoints"
+    assert [d.name for d in ck.committed(ckpts)] == ["step-00000004"]  # the old run's 6 and 12 are gone
+    assert ck.best(ckpts).name == "step-00000004"
+
+
+@pytest.mark.parametrize(
+    "flag,named",
+    [
+        ("--data.val_fraction=0.3", "data.val_fraction"),
+        ("--data.piece_chars=500", "data.piece_chars"),
+        ("--data.seed=1", "data.seed"),
+        ("--seed=7", "seed: checkpoint 1337, config 7"),
+        ("--train.micro_batch_size=2", "train.micro_batch_size"),
+    ],
+)
+def test_resume_refuses_other_data_settings(trained_run, corpus, tmp_path, capsys, flag, named):
+    run = _copy_run(trained_run, tmp_path / "run")
+    written = {f: (run / "pretrain" / f).read_bytes() for f in ("config.yaml", "tokens/meta.json")}
+    rc = pretrain(run, corpus, flag, "--train.max_steps=20", "--resume")
+    assert rc == 2 and named in capsys.readouterr().err
+    assert written == {f: (run / "pretrain" / f).read_bytes() for f in written}
+
+
+def test_failed_start_leaves_the_run_as_it_was(trained_run, tmp_path, capsys):
+    run = _copy_run(trained_run, tmp_path / "run")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.txt").write_bytes(b"\x00\x01binary")
+    written = {f: (run / "pretrain" / f).read_bytes() for f in ("config.yaml", "tokens/meta.json")}
+    assert pretrain(run, bad, "--overwrite") == 2
+    assert "looks binary" in capsys.readouterr().err
+    assert written == {f: (run / "pretrain" / f).read_bytes() for f in written}
+    assert not (run / "pretrain" / "tokens.tmp").exists()
+    assert len(ck.committed(run / "pretrain" / "checkpoints")) == 2  # --overwrite deletes only once all checks pass

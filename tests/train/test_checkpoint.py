@@ -101,3 +101,13 @@ def test_other_model_size_is_refused_by_name(tmp_path):
 def test_resolve_reports_missing(tmp_path):
     with pytest.raises(ck.CheckpointError, match="no committed checkpoint"):
         ck.resolve(tmp_path)
+
+
+def test_resaving_a_step_replaces_it_atomically(tmp_path):
+    torch.manual_seed(1)
+    first = save(tmp_path, 3)
+    digest = ck.verify(first)["model.safetensors"]
+    torch.manual_seed(2)
+    again = save(tmp_path, 3)
+    assert again == first and ck.verify(again)["model.safetensors"] != digest
+    assert not list(tmp_path.glob(".old-*")) and not list(tmp_path.glob(".tmp-*"))

@@ -62,7 +62,9 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Docum
         rel = f.relative_to(base).as_posix()
         text = decode_text(f.read_bytes(), f)
         if f.suffix.lower() in JSONL_SUFFIXES:
-            for lineno, line in enumerate(text.splitlines(), 1):
+            # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and others, which are legal raw
+            # characters inside a JSON string.
+            for lineno, line in enumerate(text.split("\n"), 1):
                 if not line.strip():
                     continue
                 try:
@@ -71,10 +73,22 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Docum
                     raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
                 if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
                     raise DataError(f"{f}:{lineno}: record has no string field '{text_field}'")
+                if _has_surrogate(rec[text_field]):
+                    raise DataError(
+                        f"{f}:{lineno}: text holds an unpaired surrogate escape (e.g. \\ud83d), not valid text"
+                    )
                 if rec[text_field].strip():
                     yield Document(f"{rel}:{lineno}", rec[text_field])
         elif text.strip():
             yield Document(rel, text)
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def split_pieces(doc: Document, max_chars: int) -> list[Document]:

@@ -95,17 +95,18 @@ def build_token_shards(
     shard_tokens: int = 50_000_000,
     batch_pieces: int = 512,
     text_field: str = "text",
+    fingerprint: str | None = None,
 ) -> dict:
     """Encode the input into `out_dir/{train,val}_NNNNN.bin` and return the meta dict. Reuses existing shards
-    when the input fingerprint and tokenizer hash match."""
+    when everything that decides their content (input, tokenizer, split settings, text field) is unchanged."""
     out = Path(out_dir)
-    fingerprint = input_fingerprint(input_path)
     key = {
-        "input_fingerprint": fingerprint,
+        "input_fingerprint": fingerprint or input_fingerprint(input_path),
         "tokenizer_sha256": tok.sha256(),
         "val_fraction": val_fraction,
         "seed": seed,
         "piece_chars": piece_chars,
+        "text_field": text_field,
     }
     if (out / META).is_file():
         meta = json.loads((out / META).read_text())
@@ -114,42 +115,46 @@ def build_token_shards(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    try:
+        dtype = token_dtype(tok.vocab_size)
+        writers = {s: ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
 
-    pieces: list[Document] = []
+        pieces: list[Document] = []
 
-    def drain() -> None:
-        # encode_batch runs on all cores in Rust: this is the parallel part of tokenization.
-        for piece, ids in zip(pieces, tok.encode_batch([p.text for p in pieces])):
-            ids = [tok.bos_id, *ids, tok.eos_id]
-            writers[split_of(piece.source, seed, val_fraction)].add(ids, len(piece.text.encode("utf-8")))
-        pieces.clear()
+        def drain() -> None:
+            # encode_batch runs on all cores in Rust: this is the parallel part of tokenization.
+            for piece, ids in zip(pieces, tok.encode_batch([p.text for p in pieces])):
+                ids = [tok.bos_id, *ids, tok.eos_id]
+                writers[split_of(piece.source, seed, val_fraction)].add(ids, len(piece.text.encode("utf-8")))
+            pieces.clear()
 
-    n_docs = 0
-    for doc in read_documents(input_path, text_field=text_field):
-        n_docs += 1
-        pieces.extend(split_pieces(doc, piece_chars))
-        if len(pieces) >= batch_pieces:
-            drain()
-    drain()
-    if n_docs == 0:
-        raise DataError(f"no text found in {input_path} (all files are empty)")
-    for w in writers.values():
-        w.flush()
-    if writers["val"].tokens == 0 and val_fraction > 0:
-        raise DataError(
-            f"validation split is empty: {writers['train'].pieces} piece(s) of text, val_fraction={val_fraction}; "
-            "add more text or raise data.val_fraction"
-        )
-    meta = {
-        **key,
-        "dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "documents": n_docs,
-        **{f"{s}_{k}": getattr(w, k) for s, w in writers.items() for k in ("tokens", "bytes", "pieces", "files")},
-    }
-    write_json(tmp / META, meta)
+        n_docs = 0
+        for doc in read_documents(input_path, text_field=text_field):
+            n_docs += 1
+            pieces.extend(split_pieces(doc, piece_chars))
+            if len(pieces) >= batch_pieces:
+                drain()
+        drain()
+        if n_docs == 0:
+            raise DataError(f"no text found in {input_path} (all files are empty)")
+        for w in writers.values():
+            w.flush()
+        if writers["val"].tokens == 0 and val_fraction > 0:
+            raise DataError(
+                f"validation split is empty: {writers['train'].pieces} piece(s) of text, val_fraction={val_fraction}; "
+                "add more text or raise data.val_fraction"
+            )
+        meta = {
+            **key,
+            "dtype": dtype.name,
+            "vocab_size": tok.vocab_size,
+            "documents": n_docs,
+            **{f"{s}_{k}": getattr(w, k) for s, w in writers.items() for k in ("tokens", "bytes", "pieces", "files")},
+        }
+        write_json(tmp / META, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed build leaves nothing half-written behind
+        raise
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     fsync_dir(out.parent)

@@ -8,6 +8,7 @@ Reads `<run_dir>/tokenizer/tokenizer.json` (or `tokenizer=PATH`) and writes unde
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from gptforge.train.trainer import LoopState, TrainConfig, Trainer
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Share of text pieces held out for validation.")
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0, description="Share of text pieces held out for validation.")
     seed: int = Field(1337, description="Seed of the train/validation split.")
     piece_chars: int = Field(4000, gt=0, description="Long documents are cut into pieces of about this many chars.")
     shard_tokens: int = Field(50_000_000, gt=0, description="Tokens per shard file.")
@@ -46,6 +47,7 @@ class Config(BaseModel):
     tokenizer: str = Field("", description="tokenizer.json or its folder; empty = <run_dir>/tokenizer/.")
     seed: int = Field(1337, description="Seed for weights init, data order and dropout.")
     resume: bool = Field(False, description="Continue from the newest committed checkpoint of this run.")
+    overwrite: bool = Field(False, description="Delete this run's checkpoints and start over (never implied).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field("auto", description="Autocast dtype: auto (bf16 where fast), bfloat16 or float32.")
     compile: bool = Field(
@@ -74,17 +76,47 @@ def resolve_model_config(cfg: Config, tok: Tokenizer) -> GPTConfig:
     return model
 
 
-def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, runtime: Runtime, ckpt: Path, data: str) -> None:
+def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
+    """Everything that decides which token the data cursor points at. A resumed run must match it exactly, or the
+    saved cursor would index a different split or order and silently replay or skip text."""
+    return {
+        "input (content hash)": fingerprint[:16],
+        "data.val_fraction": cfg.data.val_fraction,
+        "data.seed": cfg.data.seed,
+        "data.piece_chars": cfg.data.piece_chars,
+        "data.text_field": cfg.data.text_field,
+        "seed": cfg.seed,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "world_size": runtime.world_size,
+    }
+
+
+def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, data: dict, ckpt: Path) -> None:
     problems = ckpt_lib.diff_fields(meta["model"], model_cfg.model_dump(), "model.")
     if meta.get("tokenizer_sha256") != tok.sha256():
         problems.append("tokenizer: checkpoint was trained with a different tokenizer.json")
-    if meta.get("data_fingerprint") != data:
-        # The data cursor indexes the old shards; continuing on changed text would silently replay or skip data.
-        problems.append("input: the training text changed since the checkpoint (start a new run_dir to train on it)")
-    if meta.get("world_size") != runtime.world_size:
-        problems.append(f"world_size: checkpoint {meta.get('world_size')}, this run {runtime.world_size}")
+    problems += ckpt_lib.diff_fields(meta.get("data", {}), data, "")
     if problems:
-        raise ckpt_lib.CheckpointError(f"cannot resume from {ckpt}: " + "; ".join(problems))
+        raise ckpt_lib.CheckpointError(
+            f"cannot resume from {ckpt}: " + "; ".join(problems) + " (use a new run_dir to train with other settings)"
+        )
+
+
+def _check_start(cfg: Config, ckpt_dir: Path, model_cfg: GPTConfig, tok: Tokenizer, data: dict) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses anything that would mix two runs."""
+    newest = ckpt_lib.latest(ckpt_dir)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    if cfg.resume and newest:
+        ckpt_lib.verify(newest)
+        _check_resume(ckpt_lib.read_meta(newest), model_cfg, tok, data, newest)
+        return newest
+    if newest and not cfg.overwrite:
+        raise ckpt_lib.CheckpointError(
+            f"{ckpt_dir} already holds checkpoints (newest: {newest.name}); pass --resume to continue that run, "
+            "--overwrite to delete them and start over, or use another run_dir"
+        )
+    return None
 
 
 def make_evaluator(model: torch.nn.Module, val: TokenWindows, cfg: Config, runtime: Runtime):
@@ -119,16 +151,12 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     tok = Tokenizer.load(_tokenizer_path(cfg))
     model_cfg = resolve_model_config(cfg, tok)
     src = resolve_input(cfg.input)
-    data_fingerprint = input_fingerprint(src)
     ckpt_dir = out / "checkpoints"
+    fingerprint = input_fingerprint(src)
+    data_id = data_identity(cfg, fingerprint, runtime)
     # Every check that can refuse the run happens before anything in the run directory is (re)written.
-    resume_from = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
-    if resume_from:
-        ckpt_lib.verify(resume_from)
-        meta = ckpt_lib.read_meta(resume_from)
-        _check_resume(meta, model_cfg, tok, runtime, resume_from, data_fingerprint)
+    resume_from = _check_start(cfg, ckpt_dir, model_cfg, tok, data_id)
     if runtime.is_main:
-        save_config(cfg, out)
         meta_shards = build_token_shards(
             src,
             tok,
@@ -138,6 +166,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             cfg.data.piece_chars,
             cfg.data.shard_tokens,
             text_field=cfg.data.text_field,
+            fingerprint=fingerprint,
         )
         print(
             f"data: {meta_shards['documents']} documents -> {meta_shards['train_tokens']:,} train / "
@@ -147,13 +176,21 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     seq = model_cfg.block_size
     train_windows = TokenWindows(out / "tokens", "train", seq)
     val_windows = TokenWindows(out / "tokens", "val", seq)
+    sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
+    if runtime.is_main:
+        save_config(cfg, out)  # only now: a refused or failed start leaves the previous config in place
+        if cfg.overwrite:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    runtime.barrier()
 
     seed_everything(cfg.seed)
     model = GPT(model_cfg).to(runtime.device)
+    # Same init on every rank, then per-rank RNG streams, so dropout masks differ across ranks (rank 0 keeps the
+    # single-process stream).
+    torch.manual_seed(cfg.seed + runtime.rank)
     optimizer = build_optimizer(
         model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps, runtime.device
     )
-    sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
     trainer_sd = None
     if resume_from:
         ckpt_lib.load_weights(resume_from, model)
@@ -161,17 +198,19 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         sampler.load_state_dict(trainer_sd["sampler"])
         set_rng_state(rng)
         if runtime.is_main:
-            print(f"resuming from {resume_from} (step {meta['step']})")
+            print(f"resuming from {resume_from} (step {trainer_sd['loop']['step']})")
     elif cfg.resume and runtime.is_main:
         print(f"no committed checkpoint in {ckpt_dir}; starting from scratch")
 
     raw_model = model
+    # Evaluation runs the (compiled) bare model: DDP's forward may broadcast buffers, a collective that would
+    # deadlock when a rank has no validation windows to run.
+    eval_model = torch.compile(raw_model) if cfg.compile else raw_model
+    model = eval_model
     if runtime.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
+            eval_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
         )
-    if cfg.compile:
-        model = torch.compile(model)
 
     metrics = None
     if runtime.is_main:
@@ -192,7 +231,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             "stage": "pretrain",
             "config": cfg.model_dump(mode="json"),
             "tokenizer_sha256": tok.sha256(),
-            "data_fingerprint": data_fingerprint,
+            "data": data_id,
             "tokens": state.tokens,
         }
         path = ckpt_lib.save(
@@ -225,7 +264,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         next_batch,
         loss_fn,
         tokens_per_batch=lambda b: b[0].numel(),
-        evaluate=make_evaluator(model, val_windows, cfg, runtime),
+        evaluate=make_evaluator(eval_model, val_windows, cfg, runtime),
         save=save,
         log=log,
         progress=cfg.progress,

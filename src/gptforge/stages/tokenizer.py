@@ -35,13 +35,14 @@ class Config(BaseModel):
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict:
-    out = stage_dir(cfg.run_dir, "tokenizer")
-    save_config(cfg, out)
     src = resolve_input(cfg.input)
     t0 = time.perf_counter()
     weights = script_weights(src, cfg)
     hf = train_bpe(_weighted_texts(src, cfg, weights), cfg.vocab_size, cfg.min_frequency)
     tok = Tokenizer(hf)
+    # The folder is touched only after training succeeded: a bad input leaves a previous tokenizer as it was.
+    out = stage_dir(cfg.run_dir, "tokenizer")
+    save_config(cfg, out)
     tok.save(out / "tokenizer.json")
     train_s = time.perf_counter() - t0
     stats = tokenizer_stats(tok, (d.text for d in read_documents(src, cfg.text_field)))

@@ -119,10 +119,8 @@ def save(
     tmp = root / f".tmp-{step_name(step)}"
     if runtime.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):
+        for stale in [*root.glob(".tmp-step-*"), *root.glob(".old-step-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a crash mid-save
-        if final.exists():
-            shutil.rmtree(final)  # re-saving a step (e.g. end of run right after a periodic save)
         tmp.mkdir()
     runtime.barrier()
     torch.save(rng, tmp / f"rng_rank{runtime.rank}.pt")
@@ -144,8 +142,12 @@ def save(
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, {"step": step, "files": files})
         fsync_dir(tmp)
+        old = root / f".old-{final.name}"
+        if final.exists():  # re-saving a step: move the committed copy aside only once its successor is complete
+            os.replace(final, old)
         os.replace(tmp, final)
         fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
         _retain(root, keep_last)
     runtime.barrier()
     return final
