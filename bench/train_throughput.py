@@ -51,25 +51,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import io
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from benchlib import cpu_snapshot, fmt_share, foreign_share, machine_facts, update_readme, wait_for_quiet
+from peers import NanoGPT, build_hf, decay_groups, logits_fn
 from torch import nn
 
 import gptforge
@@ -157,76 +154,6 @@ class Batches:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# nanoGPT-style baseline (after karpathy/nanoGPT model.py, bias=False as in its train.py defaults)
-
-
-class NanoAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.n_head = n_head
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class NanoMLP(nn.Module):
-    def __init__(self, n_embd: int) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.gelu(self.c_fc(x)))
-
-
-class NanoBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
-        self.attn = NanoAttention(n_embd, n_head)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
-        self.mlp = NanoMLP(n_embd)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, hp: Hyper) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
-        self.wpe = nn.Embedding(hp.block_size, hp.n_embd)
-        self.h = nn.ModuleList(NanoBlock(hp.n_embd, hp.n_head) for _ in range(hp.n_layer))
-        self.ln_f = nn.LayerNorm(hp.n_embd, bias=False)
-        self.lm_head = nn.Linear(hp.n_embd, hp.vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # weight tying, as in nanoGPT
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * hp.n_layer))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.size(1)
-        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -243,86 +170,8 @@ def gptforge_config(hp: Hyper) -> GPTConfig:
     )
 
 
-def build_hf(hp: Hyper) -> nn.Module:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: the model is built from a config
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.LlamaConfig(
-        vocab_size=hp.vocab_size,
-        hidden_size=hp.n_embd,
-        intermediate_size=gptforge_config(hp).hidden_dim,
-        num_hidden_layers=hp.n_layer,
-        num_attention_heads=hp.n_head,
-        num_key_value_heads=hp.n_kv_head,
-        max_position_embeddings=hp.block_size,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=True,
-        attention_dropout=hp.dropout,
-        attention_bias=False,
-        mlp_bias=False,
-        use_cache=False,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def logits_fn(name: str) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """How to get (B, T, V) logits from each model, for the shared loss and evaluation code."""
-    if name == "gptforge":
-        return lambda m, x: m(x)[0]
-    if name == "hf_llama":
-        return lambda m, x: m(input_ids=x, use_cache=False).logits
-    return lambda m, x: m(x)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# CPU contention. On a shared host another tenant (invisible to `ps`) can take a core; with 2 OpenMP threads spinning
-# at barriers, losing one core makes every step several times slower. The load is measured, not guessed: machine-wide
-# busy ticks from /proc/stat minus this process's own ticks.
-
-
-def cpu_snapshot() -> tuple[int, int, int] | None:
-    """(machine busy ticks, machine total ticks, this process's ticks), or None where /proc is missing."""
-    try:
-        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = vals[3] + vals[4]  # idle + iowait
-    total = sum(vals)  # user nice system idle iowait irq softirq steal
-    return total - idle, total, int(own[11]) + int(own[12])  # utime + stime: fields 14 and 15 of /proc/PID/stat
-
-
-def foreign_share(a: tuple[int, int, int] | None, b: tuple[int, int, int] | None) -> float | None:
-    """Share of all CPU time between two snapshots that went to other processes (0 = machine was ours)."""
-    if a is None or b is None or b[1] <= a[1]:
-        return None
-    return max(0.0, ((b[0] - a[0]) - (b[2] - a[2])) / (b[1] - a[1]))
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.10) -> float:
-    """Sample one second at a time until other processes use under `threshold` of the CPUs, or give up after
-    `max_wait` seconds. Returns the seconds waited. Starting every run on a quiet machine keeps contention from
-    landing systematically on one contender."""
-    t0 = time.perf_counter()
-    told = False
-    while True:
-        a = cpu_snapshot()
-        time.sleep(1.0)
-        share = foreign_share(a, cpu_snapshot())
-        waited = time.perf_counter() - t0
-        if share is None or share < threshold or waited >= max_wait:
-            if told and share is not None and share >= threshold:
-                print(f"    still busy after {waited:.0f}s ({share:.0%}); running anyway", flush=True)
-            return waited
-        if not told:
-            print(f"    other processes use {share:.0%} of the CPUs; waiting up to {max_wait:.0f}s", flush=True)
-            told = True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -431,19 +280,10 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
     return model
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """nanoGPT's `configure_optimizers` rule: decay every parameter with dim >= 2 (matrices and embeddings)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
 def run_plain(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
     """The straightforward fp32 loop a user writes by hand, shared by the HF and nanoGPT contenders."""
     seed_everything(hp.seed)
-    model = build_hf(hp) if run.name == "hf_llama" else NanoGPT(hp)
+    model = build_hf(hp, gptforge_config(hp).hidden_dim) if run.name == "hf_llama" else NanoGPT(hp)
     run.dtype, run.params = "fp32", n_params(model)
     get_logits = logits_fn(run.name)
     # Default implementation on purpose: no fused=/foreach= flags, as in a plain loop (on CPU that is the
@@ -486,40 +326,6 @@ def val_loss(model: nn.Module, name: str, val: TokenWindows, batch_size: int) ->
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def machine_facts() -> dict:
-    cpu, flags = "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu == "unknown":
-                cpu = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-
-    def git_out(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    git = {}
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        # "dirty" = uncommitted changes under src/: the numbers then describe code that no commit holds.
-        git = {"commit": git_out("rev-parse", "HEAD"), "dirty_src": bool(git_out("status", "--porcelain", "src"))}
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "cpu_bf16_flags": sorted(flags & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "gptforge": gptforge.__version__,
-        "python": platform.python_version(),
-        "torch_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "git": git,
-    }
 
 
 def aggregate(hp: Hyper, runs: list[Run]) -> dict:
@@ -623,22 +429,6 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def fmt_share(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.0%}"
-
-
-def update_readme(path: Path, md: str) -> bool:
-    if not path.is_file():
-        return False
-    text = path.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    path.write_text(f"{head}{README_BEGIN}\n{md}\n{README_END}{tail}")
-    return True
-
-
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -737,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
     md_path = args.out.with_suffix(".md")
     md_path.write_text("# Training throughput\n\n" + md + "\n")
     print(f"\nwrote {args.out} and {md_path}")
-    if str(args.readme) not in ("", ".") and update_readme(args.readme, md):
+    if str(args.readme) not in ("", ".") and update_readme(args.readme, md, README_BEGIN, README_END):
         print(f"updated the table in {args.readme}")
     return result
 
