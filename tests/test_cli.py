@@ -122,3 +122,19 @@ def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
     assert "chars/token" in out and "demo finished" in out and out.count("--- prompt") == 4
     assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
     assert (tmp_path / "demo" / "generate" / "samples.jsonl").is_file()
+
+
+def test_cli_edge_cases(capsys, trained_run):
+    ckpt = f"--ckpt={trained_run / 'pretrain'}"
+    rc, out, _ = run_cli(capsys, "generate", ckpt, "--prompt", "-h", "--max_new_tokens=2")
+    assert rc == 0 and "--- prompt: '-h'" in out  # a value, not a help request
+    rc, _, err = run_cli(capsys, "generate", ckpt, "--temperature")
+    assert rc == 2 and "needs a value" in err
+    rc, _, err = run_cli(capsys, "generate", ckpt, "--device=foo")
+    assert rc == 2 and "unknown device 'foo'" in err
+    rc, _, err = run_cli(capsys, "generate", ckpt, "--prompt", "ab\udcffcd")  # what argv gives for a non-UTF-8 byte
+    assert rc == 2 and "not valid UTF-8" in err
+    rc, _, err = run_cli(capsys, "generate", ckpt, "--prompt=hi", "--temperature=1e-45", "--max_new_tokens=3")
+    assert rc == 0
+    rc, _, err = run_cli(capsys, "pretrain", "--config=")
+    assert rc == 2 and "--config needs a file path" in err

@@ -97,3 +97,37 @@ def test_tokenizer_config_rejects_tiny_vocab():
 def test_validation_split_is_required():
     with pytest.raises(ConfigError, match="data.val_fraction"):
         load(pretrain.Config, None, ["--data.val_fraction=0"])
+
+
+def test_bare_flag_needs_a_value_unless_boolean():
+    with pytest.raises(ConfigError, match="'--train.lr' needs a value"):
+        load(pretrain.Config, None, ["--train.lr"])
+    with pytest.raises(ConfigError, match="'--run_dir' needs a value"):
+        load(pretrain.Config, None, ["--run_dir", "--resume"])
+
+
+@pytest.mark.parametrize("word", ["yes", "on", "true"])
+def test_boolean_words_are_not_numbers(word):
+    with pytest.raises(ConfigError, match="expected a number"):
+        load(pretrain.Config, None, [f"--model.n_layer={word}"])
+
+
+def test_a_flag_keeps_the_rest_of_a_section_default():
+    from gptforge.demo import DEMO_MODEL, DEMO_TRAIN, Config
+
+    cfg = load(Config, None, ["--train.max_steps=5", "--model.dropout=0.2"])
+    assert cfg.train == DEMO_TRAIN.model_copy(update={"max_steps": 5})
+    assert cfg.model == DEMO_MODEL.model_copy(update={"dropout": 0.2})
+
+
+def test_yaml_error_is_one_line(tmp_path):
+    y = tmp_path / "bad.yaml"
+    y.write_text("train:\n  lr: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load(pretrain.Config, y)
+    assert "line" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match="missing required config key 'ckpt'"):
+        load(generate.Config, None, [])

@@ -27,7 +27,8 @@ ARGS = [
 
 
 def start(run: Path, corpus: Path, resume: bool, env_extra: dict | None = None) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    # Steps slowed to >= 10 ms so that on any hardware the kills land while training runs, never after it ended.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTFORGE_FAULT": "step_sleep=0.01", **(env_extra or {})}
     cmd = [sys.executable, "-m", "gptforge", "pretrain", f"--run_dir={run}", f"--input={corpus}", *ARGS]
     if resume:
         cmd.append("--resume")
@@ -74,19 +75,22 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_exact(tmp_path, corpus
     for _ in range(3):
         p = start(run, corpus, resume=kills > 0)
         target = trained_steps(run) + rng.randint(3, 25)
-        if wait_for(lambda t=target: trained_steps(run) >= t, p):
-            time.sleep(rng.uniform(0.0, 0.2))
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
-        p.wait()
-    # One kill inside a checkpoint write: the save pauses after its data files, before the manifest commits it.
-    p = start(run, corpus, resume=True, env_extra={"GPTFORGE_FAULT": "save_sleep=2"})
-    ckpts = run / "pretrain" / "checkpoints"
-    if wait_for(lambda: any(ckpts.glob(".tmp-step-*")), p):
-        time.sleep(rng.uniform(0.1, 1.0))
+        assert wait_for(lambda t=target: trained_steps(run) >= t, p), "the run ended before its kill"
+        time.sleep(rng.uniform(0.0, 0.2))
+        assert p.poll() is None, "the run ended before its kill"
         p.send_signal(signal.SIGKILL)
         kills += 1
+        p.wait()
+    # One kill inside a checkpoint write: the save pauses after its data files, before the manifest commits it.
+    ckpts = run / "pretrain" / "checkpoints"
+    for stale in ckpts.glob(".tmp-step-*"):  # left by an earlier kill: wait for a temp folder of this process
+        shutil.rmtree(stale)
+    p = start(run, corpus, resume=True, env_extra={"GPTFORGE_FAULT": "step_sleep=0.01,save_sleep=2"})
+    assert wait_for(lambda: any(ckpts.glob(".tmp-step-*")), p)
+    time.sleep(rng.uniform(0.1, 1.0))
+    assert p.poll() is None
+    p.send_signal(signal.SIGKILL)
+    kills += 1
     p.wait()
     assert any(ckpts.glob(".tmp-step-*"))  # the half-written checkpoint is there, uncommitted
     assert kills == 4

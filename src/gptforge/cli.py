@@ -42,16 +42,42 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError
 
 
-def describe_fields(model, prefix: str = "") -> list[str]:
+def describe_fields(model, defaults: dict | None = None, prefix: str = "") -> list[str]:
+    """One line per key: flag, description, default. Section defaults come from the parent (the demo's model
+    section is not GPTConfig's defaults)."""
+    from gptforge.config import section_defaults
+
+    defaults = section_defaults(model) if defaults is None else defaults
     lines = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and hasattr(ann, "model_fields"):
-            lines += describe_fields(ann, f"{prefix}{name}.")
+            lines += describe_fields(ann, defaults.get(name, {}), f"{prefix}{name}.")
         else:
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            if name in defaults:
+                default = repr(defaults[name])
+            else:
+                default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"  --{prefix}{name:<28} {field.description or ''} [{default}]")
     return lines
+
+
+def _wants_help(args: list[str], model) -> bool:
+    """-h/--help as a flag, not as the value of the flag before it (`--prompt -h` is a prompt)."""
+    from gptforge.config import ConfigError, _field_type
+
+    for i, a in enumerate(args):
+        if a not in ("-h", "--help"):
+            continue
+        prev = args[i - 1] if i else ""
+        if not prev.startswith("--") or "=" in prev or prev == "--config":
+            return prev != "--config"
+        try:
+            if _field_type(model, prev[2:].replace("-", "_")) is bool:
+                return True  # a bare boolean flag takes no value
+        except ConfigError:
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here ever needs the hub
     module = importlib.import_module(STAGES[stage])
-    if "-h" in rest or "--help" in rest:
+    if _wants_help(rest, module.Config):
         print(f"usage: gptforge {stage} [--config FILE.yaml] [--key=value ...]\n\n{module.__doc__.strip()}\n")
         print("\n".join(describe_fields(module.Config)))
         return 0
@@ -83,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         for i, a in enumerate(rest):
             if a.startswith("--config="):
                 config_file, rest = a.split("=", 1)[1], rest[:i] + rest[i + 1 :]
+                if not config_file:
+                    print("gptforge: error: --config needs a file path", file=sys.stderr)
+                    return 2
                 break
     from gptforge.config import load
     from gptforge.runtime import build_runtime

@@ -50,8 +50,13 @@ def _is_str_like(annotation: Any) -> tuple[bool, bool]:
     return False, False
 
 
+def _is_number(annotation: Any) -> bool:
+    return annotation in (int, float)
+
+
 def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
-    """`['--a.b=1', '--c', 'x', '--flag']` -> nested dict. A bare flag means true; a list field may be repeated."""
+    """`['--a.b=1', '--c', 'x', '--flag']` -> nested dict. A bare flag means true and is allowed for boolean keys
+    only; a list field may be repeated."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -59,15 +64,17 @@ def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
         if not arg.startswith("--") or len(arg) == 2:
             raise ConfigError(f"expected --key=value, got '{arg}'")
         key, eq, raw = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        annotation = _field_type(model, key)
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 raw = args[i + 1]
                 i += 1
-            else:
+            elif annotation is bool:
                 raw = "true"
+            else:
+                raise ConfigError(f"'--{key}' needs a value (--{key}=VALUE)")
         i += 1
-        key = key.replace("-", "_")
-        annotation = _field_type(model, key)
         is_str, is_list = _is_str_like(annotation)
         if is_str:
             value: Any = raw
@@ -78,6 +85,9 @@ def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as e:
                 raise ConfigError(f"cannot parse value for '{key}': {raw!r} ({e.__class__.__name__})") from None
+            if _is_number(annotation) and isinstance(value, bool):
+                # YAML reads yes/no/on/off/true as booleans, and pydantic would quietly turn them into 1 or 0.
+                raise ConfigError(f"bad value for '{key}': expected a number, got {raw!r}")
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -108,7 +118,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -122,6 +134,8 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
         loc = prefix + ".".join(str(x) for x in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{loc}'")
+        elif e["type"] == "missing":
+            lines.append(f"missing required config key '{loc}' (--{loc}=VALUE)")
         else:
             lines.append(f"bad value for '{loc}': {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
@@ -134,9 +148,24 @@ def build(model: type[C], data: dict[str, Any]) -> C:
         raise ConfigError(format_validation_error(e)) from None
 
 
+def section_defaults(model: type[BaseModel]) -> dict[str, Any]:
+    """The defaults of nested sections as plain dicts. A section's default can differ from its class's defaults (the
+    demo's model is not GPTConfig()); starting from these keeps it when a flag or YAML sets one key of the section."""
+    out = {}
+    for name, field in model.model_fields.items():
+        if field.is_required():
+            continue
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            out[name] = value.model_dump()
+    return out
+
+
 def load(model: type[C], yaml_path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Resolve a config: the model's defaults, then the YAML file, then the flags. Errors name the key."""
-    data: dict[str, Any] = read_yaml(yaml_path) if yaml_path else {}
+    data = section_defaults(model)
+    if yaml_path:
+        data = _merge(data, read_yaml(yaml_path))
     if overrides:
         data = _merge(data, parse_overrides(model, overrides))
     return build(model, data)

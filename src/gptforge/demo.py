@@ -64,9 +64,10 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
     save_config(cfg, stage_dir(cfg.run_dir, "demo"))
     banner("1/3 tokenizer: byte-level BPE trained on the corpus")
-    tok_stats = tokenizer.run(
-        tokenizer.Config(run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size), runtime
+    tok_cfg = tokenizer.Config(
+        run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size, overwrite=not cfg.resume
     )
+    tok_stats = tokenizer.run(tok_cfg, runtime)
     banner("2/3 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
     pre_cfg = pretrain.Config(
         run_dir=cfg.run_dir,

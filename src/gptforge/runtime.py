@@ -66,7 +66,10 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device '{name}' (auto, cpu, cuda, cuda:N or mps)") from None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -141,3 +141,25 @@ def test_matches_transformers_llama():
     x = torch.randint(0, 97, (2, 20))
     with torch.no_grad():
         torch.testing.assert_close(ours(x)[0], hf(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_edge_cases():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits, 1e-45, generator=g).item() == 0  # tiny temperature is greedy, not NaN
+    assert sample_next(logits, 1.0, top_k=100, generator=g).shape == (1, 1)  # top_k beyond the vocabulary
+    flat = torch.tensor([[1.0, 0.8, 0.6, 0.4]])
+    draws = {sample_next(flat, 1.0, top_p=1.0, generator=g).item() for _ in range(300)}
+    assert draws == {0, 1, 2, 3}  # top_p=1 filters nothing
+
+
+def test_vocab_limit_and_stop_ids():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**LLAMA)).eval()
+    p = torch.randint(0, 90, (1, 4))
+    out = model.generate(p, 30, temperature=2.0, vocab_limit=90, generator=torch.Generator().manual_seed(1))
+    assert int(out.max()) < 90
+    greedy = model.generate(p, 10, temperature=0.0)
+    first = int(greedy[0, 4])
+    stopped = model.generate(p, 10, temperature=0.0, stop_ids={first})
+    assert stopped.shape == (1, 5) and int(stopped[0, -1]) == first  # stops right after emitting the stop id

@@ -60,7 +60,7 @@ def test_resume_refuses_other_tokenizer(trained_run, corpus, tmp_path, capsys):
     from gptforge.stages import tokenizer
 
     run = _copy_run(trained_run, tmp_path / "run")
-    tokenizer.run(tokenizer.Config(run_dir=str(run), input=str(corpus), vocab_size=800))
+    tokenizer.run(tokenizer.Config(run_dir=str(run), input=str(corpus), vocab_size=800, overwrite=True))
     rc = pretrain(run, corpus, "--model.vocab_size=1024", "--train.max_steps=20", "--resume")
     assert rc == 2 and "different tokenizer" in capsys.readouterr().err
 

@@ -112,3 +112,37 @@ def test_stats_by_script(tok):
 def test_vocab_too_small_rejected():
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, vocab_size=100)
+
+
+def test_script_balancing_gives_chinese_more_merges(tmp_path):
+    from gptforge.stages import tokenizer as stage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    zh = "\n".join(TEXTS[0] for _ in range(30))
+    en = "\n".join(f"The {i}th quick brown fox jumps over the lazy dog near river number {i}." for i in range(3000))
+    (src / "zh.txt").write_text(zh)
+    (src / "en.txt").write_text(en)
+    runs = {}
+    for bal in (1.0, 20.0):
+        cfg = stage.Config(
+            run_dir=str(tmp_path / str(bal)), input=str(src), vocab_size=400, balance_scripts=bal, holdout_fraction=0.0
+        )
+        runs[bal] = stage.run(cfg)
+    assert runs[1.0]["train_repeat"] == {"zh": 1, "en": 1}
+    assert runs[20.0]["train_repeat"]["zh"] > 1 and runs[20.0]["train_repeat"]["en"] == 1
+    assert runs[20.0]["zh"]["chars_per_token"] > runs[1.0]["zh"]["chars_per_token"]
+
+
+def test_tokenizer_stage_refuses_to_replace_a_different_tokenizer(tmp_path, corpus):
+    from gptforge.stages import tokenizer as stage
+
+    cfg = stage.Config(run_dir=str(tmp_path), input=str(corpus), vocab_size=600)
+    first = stage.run(cfg)
+    stage.run(cfg)  # same settings retrain the identical tokenizer: allowed
+    before = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    with pytest.raises(ValueError, match="--overwrite"):
+        stage.run(cfg.model_copy(update={"vocab_size": 500}))
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == before
+    stage.run(cfg.model_copy(update={"vocab_size": 500, "overwrite": True}))
+    assert first["measured_on"] == "held-out text"

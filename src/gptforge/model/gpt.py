@@ -284,9 +284,11 @@ class GPT(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         stop_ids: set[int] | None = None,
+        vocab_limit: int | None = None,
     ) -> torch.Tensor:
         """Reference sampler: idx (B, T) -> (B, T + new). temperature 0 is greedy. With use_cache=False every step
-        recomputes the whole prefix, which is what the KV-cache equivalence test compares against."""
+        recomputes the whole prefix, which is what the KV-cache equivalence test compares against. Ids at or above
+        `vocab_limit` (the padding rows of a vocabulary rounded up to 64) are never produced."""
         total = idx.size(1) + max_new_tokens
         if total > self.config.block_size:
             raise ValueError(f"prompt + max_new_tokens = {total} exceeds block_size {self.config.block_size}")
@@ -298,7 +300,10 @@ class GPT(nn.Module):
         step_in = idx
         for _ in range(max_new_tokens):
             logits, _ = self(step_in if use_cache else out, cache=cache)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            last = logits[:, -1, :].float()
+            if vocab_limit is not None:
+                last[:, vocab_limit:] = float("-inf")
+            next_id = sample_next(last, temperature, top_k, top_p, generator)
             out = torch.cat([out, next_id], dim=1)
             step_in = next_id
             if stop_ids and idx.size(0) == 1 and next_id.item() in stop_ids:
@@ -316,7 +321,8 @@ def sample_next(
     """logits (B, V) -> next ids (B, 1). Greedy at temperature 0; else top-k, then nucleus (top-p) filtering."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

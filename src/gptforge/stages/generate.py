@@ -35,6 +35,10 @@ class Config(BaseModel):
 
 
 def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dict:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"prompt {prompt!r} is not valid UTF-8 text") from None
     ids = [tok.bos_id] + tok.encode(prompt)
     room = model.config.block_size - len(ids)
     if room <= 0:
@@ -52,6 +56,7 @@ def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dic
             cfg.top_p,
             generator=gen,
             stop_ids={tok.eos_id} if cfg.stop_at_eos else None,
+            vocab_limit=tok.vocab_size,
         )
     dt = time.perf_counter() - t0
     new = y[0, len(ids) :].tolist()

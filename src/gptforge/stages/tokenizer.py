@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge import SAMPLE, resolve_input
 from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
-from gptforge.data.readers import read_documents
+from gptforge.data.readers import read_documents, split_pieces
+from gptforge.data.shards import split_of
 from gptforge.runtime import Runtime
 from gptforge.tokenizer.bpe import Tokenizer, script_of, tokenizer_stats, train_bpe
 
@@ -32,27 +34,59 @@ class Config(BaseModel):
         description="Repeat the minority script's (Chinese or English) lines up to this many times "
         "during training so both get a fair share of merges; 1 disables.",
     )
+    holdout_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of text pieces kept out of training; the statistics are measured on it.",
+    )
+    holdout_seed: int = Field(1337, description="Seed of the hold-out split.")
+    piece_chars: int = Field(4000, gt=0, description="Documents are cut into pieces of about this many characters.")
+    overwrite: bool = Field(False, description="Replace an existing, different tokenizer.json in this run_dir.")
+
+
+# The hold-out defaults equal pretrain's data.val_fraction, data.seed and data.piece_chars, so with default settings
+# the tokenizer never sees the text the model is validated on.
+
+
+def _pieces(src: Path, cfg: Config, held_out: bool) -> Iterator[str]:
+    for doc in read_documents(src, cfg.text_field):
+        for piece in split_pieces(doc, cfg.piece_chars):
+            if (split_of(piece.source, cfg.holdout_seed, cfg.holdout_fraction) == "val") == held_out:
+                yield piece.text
 
 
 def run(cfg: Config, runtime: Runtime | None = None) -> dict:
     src = resolve_input(cfg.input)
     t0 = time.perf_counter()
     weights = script_weights(src, cfg)
-    hf = train_bpe(_weighted_texts(src, cfg, weights), cfg.vocab_size, cfg.min_frequency)
-    tok = Tokenizer(hf)
+    tok = Tokenizer(train_bpe(_weighted_texts(src, cfg, weights), cfg.vocab_size, cfg.min_frequency))
+    train_s = time.perf_counter() - t0
+    path = Path(cfg.run_dir) / "tokenizer" / "tokenizer.json"
+    if path.is_file() and not cfg.overwrite and Tokenizer.load(path).sha256() != tok.sha256():
+        raise ValueError(
+            f"{path} exists and differs from the tokenizer these settings train; checkpoints trained with it would "
+            "no longer resume. Pass --overwrite to replace it, or use another run_dir"
+        )
     # The folder is touched only after training succeeded: a bad input leaves a previous tokenizer as it was.
     out = stage_dir(cfg.run_dir, "tokenizer")
     save_config(cfg, out)
-    tok.save(out / "tokenizer.json")
-    train_s = time.perf_counter() - t0
-    stats = tokenizer_stats(tok, (d.text for d in read_documents(src, cfg.text_field)))
-    stats["train_seconds"] = round(train_s, 2)
-    stats["train_repeat"] = weights
+    tok.save(path)
+    stats = tokenizer_stats(tok, _pieces(src, cfg, held_out=True))
+    stats["measured_on"] = "held-out text"
+    if not any(stats["lines"].values()):  # a corpus too small to hold anything out
+        stats = {**tokenizer_stats(tok, _pieces(src, cfg, held_out=False)), "measured_on": "training text"}
+    stats.update(requested_vocab_size=cfg.vocab_size, train_seconds=round(train_s, 2), train_repeat=weights)
     stats["input"] = str(src)
     write_json(out / "stats.json", stats)
     append_ledger(cfg.run_dir, "tokenizer", "ok", stats)
     print(format_stats(stats))
-    print(f"tokenizer saved: {out / 'tokenizer.json'}")
+    if tok.vocab_size < cfg.vocab_size:
+        print(
+            f"  note: the text supports only {tok.vocab_size} tokens of the {cfg.vocab_size} asked for "
+            f"(no pair left that occurs {cfg.min_frequency}+ times)"
+        )
+    print(f"tokenizer saved: {path}")
     return stats
 
 
@@ -62,8 +96,8 @@ def script_weights(src, cfg: Config) -> dict[str, int]:
     Repeating the minority script's lines until byte shares are even (capped) buys Chinese whole-character and
     word tokens at a small cost in English."""
     volume = {"zh": 0, "en": 0}
-    for d in read_documents(src, cfg.text_field):
-        for line in d.text.splitlines():
+    for text in _pieces(src, cfg, held_out=False):
+        for line in text.splitlines():
             if s := script_of(line):
                 volume[s] += len(line.encode("utf-8"))
     weights = {"zh": 1, "en": 1}
@@ -74,9 +108,9 @@ def script_weights(src, cfg: Config) -> dict[str, int]:
 
 
 def _weighted_texts(src, cfg: Config, weights: dict[str, int]) -> Iterator[str]:
-    for d in read_documents(src, cfg.text_field):
-        yield d.text
-        extra = [line for line in d.text.splitlines() if weights.get(script_of(line) or "", 1) > 1]
+    for text in _pieces(src, cfg, held_out=False):
+        yield text
+        extra = [line for line in text.splitlines() if weights.get(script_of(line) or "", 1) > 1]
         if extra:
             block = "\n".join(extra)
             for _ in range(weights[script_of(extra[0])] - 1):
@@ -85,7 +119,8 @@ def _weighted_texts(src, cfg: Config, weights: dict[str, int]) -> Iterator[str]:
 
 def format_stats(stats: dict) -> str:
     rows = [
-        f"tokenizer: vocab {stats['vocab_size']}, trained in {stats['train_seconds']} s",
+        f"tokenizer: vocab {stats['vocab_size']}, trained in {stats['train_seconds']} s; "
+        f"characters per token on {stats['measured_on']}:",
         f"  {'script':<8}{'lines':>8}{'chars':>10}{'tokens':>10}{'chars/token':>13}{'bytes/token':>13}",
     ]
     for s in ("zh", "en"):

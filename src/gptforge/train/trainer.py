@@ -77,6 +77,12 @@ def _fault_nan(step: int) -> bool:
     return bool(m) and int(m.group(1)) <= step <= int(m.group(2) or m.group(1))
 
 
+def _fault_step_sleep() -> float:
+    """GPTFORGE_FAULT=step_sleep=SECONDS slows every step, so a kill test lands mid-run on any hardware."""
+    m = re.search(r"step_sleep=([\d.]+)", os.environ.get("GPTFORGE_FAULT", ""))
+    return float(m.group(1)) if m else 0.0
+
+
 class Trainer:
     def __init__(
         self,
@@ -140,6 +146,8 @@ class Trainer:
             st.nonfinite_in_a_row += 1
             st.skipped_total += 1
         self.opt.zero_grad(set_to_none=True)
+        if pause := _fault_step_sleep():
+            time.sleep(pause)
         st.step += 1
         st.tokens += tokens * self.rt.world_size
         return {
