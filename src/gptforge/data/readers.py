@@ -50,7 +50,7 @@ def decode_text(raw: bytes, path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path} is not UTF-8 text (invalid byte at offset {e.start}); convert it, or use the clean stage"
+            f"{path} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8 (e.g. with iconv)"
         ) from None
     return text.removeprefix("\ufeff")
 
