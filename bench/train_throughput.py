@@ -16,9 +16,11 @@ Contenders (same model shape, data, micro-batch, context and hyperparameters):
 
 Fairness choices:
 
-* Data: every run builds a fresh `WindowSampler` with the same seed and draws its micro-batch inside the loop, so all
-  three see the identical batch sequence and pay the same data cost. A checksum of every batch is compared across
-  runs and the script fails if any run saw different data.
+* Seeds: repeat r uses seed 1337 + r for model init and data order, the same for all three contenders, so losses are
+  paired within a repeat and averaged over 3 seeds (one lucky initialization decides nothing).
+* Data: every run builds a fresh `WindowSampler` with its repeat's seed and draws its micro-batch inside the loop, so
+  all three see the identical batch sequence and pay the same data cost. A checksum of every batch is compared
+  within each repeat and the script fails if any run saw different data.
 * Init: `torch.manual_seed(seed)` right before each model is built; each model uses its own library's init.
 * Hyperparameters: the same peak LR, warmup, cosine-to-0.1x schedule (`gptforge.train.optim.lr_at`), betas, eps,
   weight decay, grad clipping at 1.0 and no dropout for all. The peers decay every matrix (dim >= 2, embeddings
@@ -139,10 +141,10 @@ def prepare_data(workdir: Path, vocab: int) -> Path:
 
 
 class Batches:
-    """A fresh sampler per run (same seed, so the same sequence) plus a checksum of what was drawn."""
+    """A fresh sampler per run (same seed within a repeat, so the same sequence) plus a checksum of what was drawn."""
 
-    def __init__(self, windows: TokenWindows, hp: Hyper) -> None:
-        self.sampler = WindowSampler(windows, hp.micro_batch, hp.seed)
+    def __init__(self, windows: TokenWindows, hp: Hyper, seed: int) -> None:
+        self.sampler = WindowSampler(windows, hp.micro_batch, seed)
         self.sums: list[int] = []
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +228,7 @@ class Run:
 def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
     runtime = build_runtime(device="cpu", dtype="auto")
     run.dtype = f"{str(runtime.dtype).removeprefix('torch.')} autocast" if runtime.dtype != torch.float32 else "fp32"
-    seed_everything(hp.seed)
+    seed_everything(hp.seed + run.repeat)  # one seed per repeat, shared by all contenders
     model = GPT(gptforge_config(hp))
     run.params = n_params(model)
     opt = build_optimizer(model, hp.lr, hp.weight_decay, hp.betas, hp.eps, runtime.device)
@@ -248,7 +250,7 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
         eval_every=hp.steps + 1,
         save_every=hp.steps + 1,
     )
-    batches = Batches(train, hp)
+    batches = Batches(train, hp, hp.seed + run.repeat)
 
     def log(record: dict) -> None:
         if "tok_s" in record:  # the per-step metrics line (eval lines and skipped-step lines have no tok_s)
@@ -282,14 +284,14 @@ def run_gptforge(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
 
 def run_plain(hp: Hyper, train: TokenWindows, run: Run) -> nn.Module:
     """The straightforward fp32 loop a user writes by hand, shared by the HF and nanoGPT contenders."""
-    seed_everything(hp.seed)
+    seed_everything(hp.seed + run.repeat)  # one seed per repeat, shared by all contenders
     model = build_hf(hp, gptforge_config(hp).hidden_dim) if run.name == "hf_llama" else NanoGPT(hp)
     run.dtype, run.params = "fp32", n_params(model)
     get_logits = logits_fn(run.name)
     # Default implementation on purpose: no fused=/foreach= flags, as in a plain loop (on CPU that is the
     # per-tensor for-loop path).
     opt = torch.optim.AdamW(decay_groups(model, hp.weight_decay), lr=hp.lr, betas=hp.betas, eps=hp.eps)
-    batches = Batches(train, hp)
+    batches = Batches(train, hp, hp.seed + run.repeat)
     model.train()
     run.start = time.perf_counter()
     for step in range(hp.steps):
@@ -332,8 +334,9 @@ def aggregate(hp: Hyper, runs: list[Run]) -> dict:
     per = {name: [r.summary(hp) for r in runs if r.name == name] for name in CONTENDERS}
     med = {name: statistics.median(s["tokens_per_s"] for s in rows) for name, rows in per.items()}
     med_step = {name: statistics.median(s["tokens_per_s_from_median_step"] for s in rows) for name, rows in per.items()}
-    train_loss = {name: statistics.median(s["train_loss_last10"] for s in rows) for name, rows in per.items()}
-    val = {name: statistics.median(s["val_loss"] for s in rows) for name, rows in per.items()}
+    # Losses: mean over the repeats, which use different seeds (init and data order), so one lucky init decides nothing.
+    train_loss = {name: statistics.fmean(s["train_loss_last10"] for s in rows) for name, rows in per.items()}
+    val = {name: statistics.fmean(s["val_loss"] for s in rows) for name, rows in per.items()}
     ratio_hf, ratio_base = med["gptforge"] / med["hf_llama"], med["gptforge"] / med["nanogpt_fp32"]
     loss_ok = {
         peer: val["gptforge"] <= val[peer] + LOSS_TOLERANCE
@@ -490,8 +493,8 @@ def main(argv: list[str] | None = None) -> dict:
                 del model
                 gc.collect()  # free the previous model's tensors before the next contender allocates its own
 
-    reference = runs[0].batch_sums
-    bad = [f"{r.name}#{r.repeat}" for r in runs if r.batch_sums != reference]
+    reference = {r.repeat: r.batch_sums for r in runs if r.name == CONTENDERS[0]}
+    bad = [f"{r.name}#{r.repeat}" for r in runs if r.batch_sums != reference[r.repeat]]
     if bad:
         raise RuntimeError(f"runs {bad} saw different batches than {runs[0].name}#0; the comparison is void")
 
