@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from gptforge.artifacts import fsync_dir, sha256_file, write_json
-from gptforge.runtime import Runtime
+from gptforge.runtime import Runtime, fault_seconds
 
 MANIFEST = "manifest.json"
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -94,14 +94,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fault_sleep() -> float:
-    """GPTFORGE_FAULT=save_sleep=SECONDS pauses between the data files and the commit: the window a crash test
-    aims its SIGKILL at."""
-    spec = os.environ.get("GPTFORGE_FAULT", "")
-    m = re.search(r"save_sleep=([\d.]+)", spec)
-    return float(m.group(1)) if m else 0.0
-
-
 def save(
     folder: str | Path,
     step: int,
@@ -137,7 +129,8 @@ def save(
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         for f in tmp.iterdir():
             _fsync_file(f)
-        if pause := _fault_sleep():
+        # GPTFORGE_FAULT=save_sleep=SECONDS: the window between data files and commit that a crash test aims at.
+        if pause := fault_seconds("save_sleep"):
             time.sleep(pause)
         files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, {"step": step, "files": files})

@@ -11,7 +11,6 @@ together with the pure LR schedule that makes a resumed run bitwise equal to an 
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptforge.runtime import Runtime
+from gptforge.runtime import Runtime, fault, fault_seconds
 from gptforge.train.optim import lr_at
 
 Batch = Any
@@ -72,15 +71,8 @@ class NonFiniteError(RuntimeError):
 
 def _fault_nan(step: int) -> bool:
     """GPTFORGE_FAULT=nan_loss@step=37 or nan_loss@steps=30-40 turns that step's loss into NaN (reliability tests)."""
-    spec = os.environ.get("GPTFORGE_FAULT", "")
-    m = re.search(r"nan_loss@steps?=(\d+)(?:-(\d+))?", spec)
+    m = re.fullmatch(r"steps?=(\d+)(?:-(\d+))?", fault("nan_loss") or "")
     return bool(m) and int(m.group(1)) <= step <= int(m.group(2) or m.group(1))
-
-
-def _fault_step_sleep() -> float:
-    """GPTFORGE_FAULT=step_sleep=SECONDS slows every step, so a kill test lands mid-run on any hardware."""
-    m = re.search(r"step_sleep=([\d.]+)", os.environ.get("GPTFORGE_FAULT", ""))
-    return float(m.group(1)) if m else 0.0
 
 
 class Trainer:
@@ -146,7 +138,8 @@ class Trainer:
             st.nonfinite_in_a_row += 1
             st.skipped_total += 1
         self.opt.zero_grad(set_to_none=True)
-        if pause := _fault_step_sleep():
+        # GPTFORGE_FAULT=step_sleep=SECONDS slows every step, so a kill test lands mid-run on any hardware.
+        if pause := fault_seconds("step_sleep"):
             time.sleep(pause)
         st.step += 1
         st.tokens += tokens * self.rt.world_size
