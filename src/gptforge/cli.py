@@ -13,6 +13,7 @@ import sys
 from gptforge import __version__
 
 STAGES = {
+    "clean": "gptforge.stages.clean",
     "tokenizer": "gptforge.stages.tokenizer",
     "pretrain": "gptforge.stages.pretrain",
     "generate": "gptforge.stages.generate",
@@ -24,6 +25,7 @@ USAGE = f"""gptforge {__version__}: train your own GPT, stage by stage.
 usage: gptforge <stage> [--config FILE.yaml] [--key=value | --section.key=value ...]
 
 stages:
+  clean       read, normalize, filter, deduplicate and decontaminate messy text; writes a data report
   tokenizer   train a byte-level BPE tokenizer on a folder of text
   pretrain    tokenize the text into shards and train a GPT (resumable: --resume)
   generate    sample from a checkpoint: --ckpt DIR --prompt TEXT
@@ -119,9 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     errors = _user_errors()
     try:
         cfg = load(module.Config, config_file, rest)
-        runtime = build_runtime(
-            getattr(cfg, "device", "auto"), getattr(cfg, "dtype", "auto"), getattr(cfg, "threads", 0)
-        )
+        runtime = None
+        if getattr(module, "NEEDS_TORCH", True):  # the data stages never import torch (and start faster)
+            runtime = build_runtime(
+                getattr(cfg, "device", "auto"), getattr(cfg, "dtype", "auto"), getattr(cfg, "threads", 0)
+            )
         module.run(cfg, runtime)
     except errors as e:
         print(f"gptforge {stage}: error: {e}", file=sys.stderr)
@@ -130,9 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptforge {stage}: interrupted", file=sys.stderr)
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

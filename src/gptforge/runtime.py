@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gptforge.faults import fault, fault_seconds  # noqa: F401  (re-exported for the trainer)
+
 
 @dataclass
 class Runtime:
@@ -136,18 +138,3 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fault(name: str) -> str | None:
-    """The value of one fault-injection hook from GPTFORGE_FAULT (comma-separated `name=value` or `name@value`),
-    e.g. `nan_loss@steps=30-40,save_sleep=2`; None when unset. Used only by reliability tests."""
-    for part in os.environ.get("GPTFORGE_FAULT", "").split(","):
-        key, sep, value = part.strip().partition("@" if "@" in part else "=")
-        if sep and key == name:
-            return value
-    return None
-
-
-def fault_seconds(name: str) -> float:
-    value = fault(name)
-    return float(value) if value else 0.0

@@ -1,20 +1,19 @@
-"""Read a folder (or file) of .txt/.md/.jsonl into documents, and cut them into pieces for the train/val split.
+"""Read a folder (or file) of text into documents for the tokenizer and pretraining, and cut them into pieces for
+the train/validation split.
 
-This is the simple reader the pretraining spine needs; the full cleaning pipeline (encodings, filters, dedup) is the
-`clean` stage's job. Here a file that is not UTF-8 text is an error naming the file and the byte offset, never a
-silent skip, and a folder with no readable text is an error too.
+This is the strict reader: it decodes every format and encoding the `clean` stage reads (through the same
+`sources` module), but it does not clean. A record the clean stage would quarantine (bad JSON, undecodable bytes,
+an unknown encoding) is an error here naming the file and line, never a silent skip; files of other types (images,
+unknown extensions) and empty files are not inputs. Run `gptforge clean` first to get past bad records.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-TEXT_SUFFIXES = {".txt", ".md"}
-JSONL_SUFFIXES = {".jsonl"}
-SUPPORTED = TEXT_SUFFIXES | JSONL_SUFFIXES
+from gptforge.data.sources import FileRejected, InputConfig, InputFile, Quarantined, discover, iter_file
 
 
 class DataError(ValueError):
@@ -23,72 +22,49 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    source: str  # stable id: relative path, plus ":line" for jsonl records
+    source: str  # stable id: relative path, plus ":line" for records of line-based formats
     text: str
 
 
-def list_files(path: str | Path) -> list[Path]:
-    """Supported files under `path`, sorted so every run sees the same order."""
+def _discover(path: str | Path) -> list[InputFile]:
     p = Path(path)
     if not p.exists():
         raise DataError(f"input path does not exist: {p}")
-    if p.is_file():
-        if p.suffix.lower() not in SUPPORTED:
-            raise DataError(f"unsupported file type '{p.suffix}' for {p} (supported: {', '.join(sorted(SUPPORTED))})")
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUPPORTED)
-    files = [f for f in files if not any(part.startswith(".") for part in f.relative_to(p).parts)]
-    if not files:
-        raise DataError(f"no .txt, .md or .jsonl files found in {p}")
-    return files
-
-
-def decode_text(raw: bytes, path: Path) -> str:
-    if b"\x00" in raw[:8192]:
-        raise DataError(f"{path} looks binary (NUL bytes); pass text files only")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path} is not UTF-8 text (invalid byte at offset {e.start}); convert it to UTF-8 (e.g. with iconv)"
-        ) from None
-    return text.removeprefix("\ufeff")
+        return discover([str(p)])
+    except ValueError as e:
+        raise DataError(f"no readable text files (.txt, .md, .jsonl, .json, .csv, .parquet, ...) in {p}: {e}") from None
+
+
+def list_files(path: str | Path) -> list[Path]:
+    """Readable files under `path`, sorted so every run sees the same order."""
+    files = [f for f in _discover(path) if f.fmt]
+    if not files:
+        if Path(path).is_file():
+            raise DataError(f"unsupported file type '{Path(path).suffix}' for {path}")
+        raise DataError(f"no readable text files (.txt, .md, .jsonl, .json, .csv, .parquet, ...) found in {path}")
+    return [f.path for f in files]
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Document]:
-    root = Path(path)
-    base = root if root.is_dir() else root.parent
-    for f in list_files(root):
-        rel = f.relative_to(base).as_posix()
-        text = decode_text(f.read_bytes(), f)
-        if f.suffix.lower() in JSONL_SUFFIXES:
-            # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and others, which are legal raw
-            # characters inside a JSON string.
-            for lineno, line in enumerate(text.split("\n"), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                    raise DataError(f"{f}:{lineno}: record has no string field '{text_field}'")
-                if _has_surrogate(rec[text_field]):
-                    raise DataError(
-                        f"{f}:{lineno}: text holds an unpaired surrogate escape (e.g. \\ud83d), not valid text"
-                    )
-                if rec[text_field].strip():
-                    yield Document(f"{rel}:{lineno}", rec[text_field])
-        elif text.strip():
-            yield Document(rel, text)
+    cfg = InputConfig(text_field=text_field)
+    files = [f for f in _discover(path) if f.fmt]
+    if not files:
+        list_files(path)  # raises the "nothing to read" error
+    for f in files:
+        try:
+            for item in iter_file(f, cfg):
+                if isinstance(item, Quarantined):
+                    where = f"{f.path}:{item.line}" if item.line else str(f.path)
+                    raise DataError(f"{where}: {item.reason}: {item.detail} {_HINT}")
+                if item.text.strip():
+                    yield Document(f"{item.source}:{item.line}" if item.line else item.source, item.text)
+        except FileRejected as e:
+            if e.reason != "empty":
+                raise DataError(f"{f.path}: {e.reason}: {e.detail} {_HINT}") from None
 
 
-def _has_surrogate(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+_HINT = "(`gptforge clean` quarantines such input and keeps the rest)"
 
 
 def split_pieces(doc: Document, max_chars: int) -> list[Document]:
