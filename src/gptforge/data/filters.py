@@ -58,7 +58,7 @@ EN_STOPWORDS = frozenset(
     " be been were by it its his him she her we our my thou thee thy hath doth at there when who all if can"
     " how than then these those will or".split()
 )
-EN_MIN_STOPWORD_FRAC = 0.15  # English prose runs 0.25–0.45 with this list; French/German stay under 0.05
+EN_MIN_STOPWORD_FRAC = 0.15  # Shakespeare 0.32, one short English sentence 0.2; fr/de/es/it/nl prose under 0.03
 KANA_MIN_FRAC = 0.1  # share of kana among Han+kana that makes CJK text Japanese (Chinese has at most a stray の)
 
 _CJK_LETTER_RE = re.compile(
@@ -73,7 +73,6 @@ _LATIN_RE = re.compile(
 )
 _LETTER_RE = re.compile(r"[^\W\d_]+")
 _DIGIT_RE = re.compile(r"\d+")
-_WORD_RE = re.compile(r"[^\W\d_]+")  # whole words, so "Höhe" is not read as "h" + "he"
 # Gopher counts "#" and "..." per word; we count runs, so a Chinese ellipsis "……" or a Markdown "###" is one symbol.
 _SYMBOL_RE = re.compile(r"#+|\.{3,}|…+|⋯+")
 
@@ -98,6 +97,7 @@ def _count(pattern: re.Pattern, text: str) -> int:
     return len(text) - len(pattern.sub("", text))
 
 
+@lru_cache(maxsize=8)  # the clean stage calls detect_language and then Filters.check on the same string
 def _letter_counts(text: str) -> tuple[int, int, int]:
     """(all letters, CJK letters, Latin letters)."""
     return _count(_LETTER_RE, text), _count(_CJK_LETTER_RE, text), _count(_LATIN_RE, text)
@@ -123,24 +123,21 @@ def _language(text: str, letters: int, cjk: int, latin: int) -> str:
         kana = _count(_KANA_RE, text)
         return "ja" if kana >= KANA_MIN_FRAC * (cjk - hangul) else "zh"
     if latin >= other:
-        words = _WORD_RE.findall(text.lower())
+        words = _LETTER_RE.findall(text.lower())  # whole words, so "Höhe" is not read as "h" + "he"
         hits = sum(1 for w in words if w in EN_STOPWORDS)
         return "en" if words and hits >= EN_MIN_STOPWORD_FRAC * len(words) else "latin"
     return "other"
 
 
 def detect_language(text: str) -> str:
-    """ "zh", "ja", "ko", "en", "latin" (other Latin-script), "other" (other scripts) or "und" (no letters)."""
+    """One of "zh", "ja" (kana), "ko" (Hangul), "en", "latin" (other Latin-script text), "other" (other scripts)
+    or "und" (no letters), from letter counts per script and, for Latin text, the share of English stopwords."""
     return _language(text, *_letter_counts(text))
 
 
-def _char_offsets(us: list[str]) -> np.ndarray:
-    """[len(us) + 1] offsets: offsets[j] - offsets[i] = characters in units i..j-1."""
-    return np.concatenate(([0], np.cumsum(np.fromiter(map(len, us), np.int64, len(us)))))
-
-
 class FilterConfig(BaseModel):
-    """Thresholds of the quality filters; a fraction of 1.0 (or min_script_frac 0.0) turns that check off."""
+    """Thresholds of the quality filters. To turn a check off: a max fraction of 1.0 (max_symbol_frac: a large
+    number), min_script_frac 0.0, an empty n-gram dict."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -210,7 +207,7 @@ class Filters:
 
     def __init__(self, cfg: FilterConfig) -> None:
         self.cfg = cfg
-        words = list(cfg.blocklist_words)
+        words = [w.strip() for w in cfg.blocklist_words if w.strip()]
         if cfg.blocklist_file is not None:
             path = Path(cfg.blocklist_file)
             try:
@@ -247,7 +244,7 @@ class Filters:
     def check(self, text: str) -> str | None:
         cfg = self.cfg
         n = len(text)
-        if n < cfg.min_chars or not text.strip():
+        if n < cfg.min_chars or not text or text.isspace():
             return "too_short"
         if n > cfg.max_chars:
             return "too_long"
@@ -300,7 +297,8 @@ class Filters:
         if n_units < 2:
             return False
         h = np.fromiter(map(hash, us), dtype=np.int64, count=n_units).view(np.uint64)
-        starts = None  # built only when a repeat needs measuring
+        # Characters per unit; skipped for text made of one-character units (Chinese), where an n-gram has n.
+        lens = None if sum(map(len, us)) == n_units else np.fromiter(map(len, us), np.int64, n_units)
         # Rolling polynomial hash of windows: g_n[i] = g_{n-1}[i] * K + h[i+n-1] (uint64 wraps around on purpose).
         K = np.uint64(0x9E3779B97F4A7C15)
         g, g_n = h, 1
@@ -313,26 +311,31 @@ class Filters:
             while g_n < n:
                 g = g[:-1] * K + h[g_n:]
                 g_n += 1
-            # Most documents repeat nothing: one sort and a neighbour comparison prove it, and the exact
-            # (slower) counting below runs only when there is something to count.
-            s = np.sort(g)
-            k = TOP_NGRAM_MIN_COUNT - 1  # in sorted order, a value seen 3+ times equals the one 2 places on
-            if n in top and (s[k:] == s[:-k]).any():
-                starts = _char_offsets(us) if starts is None else starts
-                _, first, counts = np.unique(g, return_index=True, return_counts=True)
-                most = counts.max()
-                at = first[counts == most]  # ties: the longest in characters, so the result is deterministic
-                if most * int((starts[at + n] - starts[at]).max()) > top[n] * n_chars:
-                    return True
+            # One argsort per n answers everything: equal n-grams are neighbours in sorted order.
+            order = np.argsort(g)
+            same = g[order[1:]] == g[order[:-1]]  # same[i]: sorted windows i and i+1 hold the same n-gram
+            if not same.any():  # nothing repeats at n, so nothing repeats at any larger n either
+                return False
+            if n in top:
+                bounds = np.flatnonzero(np.concatenate(([True], ~same, [True])))
+                runs = np.diff(bounds)  # occurrences of each distinct n-gram
+                most = int(runs.max())
+                if most >= TOP_NGRAM_MIN_COUNT:
+                    chars = n
+                    if lens is not None:  # ties: the longest in characters, so the result is deterministic
+                        at = order[bounds[:-1][runs == most]]
+                        offsets = np.concatenate(([0], np.cumsum(lens)))
+                        chars = int((offsets[at + n] - offsets[at]).max())
+                    if most * chars > top[n] * n_chars:
+                        return True
             if n in dup:
-                covered = 0
-                if (s[1:] == s[:-1]).any():
-                    starts = _char_offsets(us) if starts is None else starts
-                    _, inverse, counts = np.unique(g, return_inverse=True, return_counts=True)
-                    at = np.flatnonzero(counts[inverse] >= 2)  # window starts of duplicated n-grams
-                    edges = np.bincount(at, minlength=n_units + 1) - np.bincount(at + n, minlength=n_units + 1)
-                    inside = np.cumsum(edges)[:n_units] > 0
-                    covered = int((starts[1:] - starts[:-1])[inside].sum())
+                in_run = np.zeros(len(order), dtype=bool)
+                in_run[1:] |= same
+                in_run[:-1] |= same
+                at = order[in_run]  # window starts of every occurrence of a duplicated n-gram
+                edges = np.bincount(at, minlength=n_units + 1) - np.bincount(at + n, minlength=n_units + 1)
+                inside = np.cumsum(edges)[:n_units] > 0
+                covered = int(inside.sum()) if lens is None else int(lens[inside].sum())
                 if covered > dup[n] * n_chars:
                     return True
                 # Coverage only shrinks as n grows: larger n whose threshold it already meets need no work.

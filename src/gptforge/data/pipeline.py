@@ -35,6 +35,7 @@ from gptforge.data.decontam import DecontamConfig, Decontaminator
 from gptforge.data.dedup import DedupConfig, MinHasher, exact_duplicate_reps, exact_key, near_duplicate_clusters
 from gptforge.data.filters import FilterConfig, Filters, detect_language, script_mix
 from gptforge.data.normalize import NormalizeConfig, Normalizer
+from gptforge.data.text import UNIT_RE
 from gptforge.data.sources import FileRejected, InputConfig, InputFile, Quarantined, iter_file, split_points
 from gptforge.faults import fault_seconds
 
@@ -51,7 +52,12 @@ class BoilerplateConfig(BaseModel):
         True, description="Remove lines that recur across many documents (licenses, navigation, ads)."
     )
     min_docs: int = Field(5, ge=2, description="A line in at least this many distinct documents is boilerplate.")
-    min_chars: int = Field(15, ge=1, description="Shorter lines are never boilerplate (speaker names, 'Exeunt.').")
+    min_units: int = Field(
+        8,
+        ge=1,
+        description="Lines with fewer units (CJK characters or words) are never boilerplate: short structural lines "
+        "such as '作者：陆游（1125-1210）' or 'Exit Ghost.' recur legitimately.",
+    )
 
 
 class OutputConfig(BaseModel):
@@ -178,7 +184,7 @@ def _tools(settings_json: str) -> tuple:
 def _line_min_chars(s: Settings) -> int | None:
     lengths = []
     if s.boilerplate.enabled:
-        lengths.append(s.boilerplate.min_chars)
+        lengths.append(s.boilerplate.min_units)  # a line of k units has at least k characters
     if s.dedup.lines:
         lengths.append(s.dedup.line_min_chars)
     return min(lengths) if lengths else None
@@ -261,7 +267,7 @@ def scan_shard(index: int, pieces: list[Piece], files: list[InputFile], settings
                     if min_line is not None:
                         for line in {ln.strip() for ln in text.split("\n")}:
                             if len(line) >= min_line:
-                                line_rows.append((line_hash(line), local, len(line)))
+                                line_rows.append((line_hash(line), local, len(line), len(UNIT_RE.findall(line))))
                     if hasher is not None:
                         texts.append(text)
                         if len(texts) >= 512:
@@ -285,7 +291,7 @@ def scan_shard(index: int, pieces: list[Piece], files: list[InputFile], settings
         if hasher is not None:
             sig = np.concatenate(sigs) if sigs else np.zeros((0, s.dedup.num_perm), dtype=np.uint32)
             _save_npy(work / "sig.npy", sig)
-        lines = np.array(line_rows, dtype=np.uint64).reshape(-1, 3)
+        lines = np.array(line_rows, dtype=np.uint64).reshape(-1, 4)  # hash, doc, characters, units
         _save_npy(work / "lines.npy", lines)
         atomic_write_text(work / "ids.json", json.dumps(ids, ensure_ascii=False))
         time.sleep(fault_seconds("clean_shard_sleep"))  # reliability tests widen the window for a kill here
@@ -405,10 +411,10 @@ def _line_decisions(s: Settings, scan: Path, n_shards: int, offsets: np.ndarray,
     order = np.lexsort((rows[:, 1], rows[:, 0]))
     rows = rows[order]
     hashes, first, counts = np.unique(rows[:, 0], return_index=True, return_counts=True)
-    lengths = rows[first, 2]
+    lengths, n_units = rows[first, 2], rows[first, 3]
     bp = np.zeros(len(hashes), dtype=bool)
     if s.boilerplate.enabled:
-        bp = (counts >= s.boilerplate.min_docs) & (lengths >= s.boilerplate.min_chars)
+        bp = (counts >= s.boilerplate.min_docs) & (n_units >= s.boilerplate.min_units)
     repeated = np.zeros(len(hashes), dtype=bool)
     if s.dedup.lines:
         repeated = ~bp & (counts >= 2) & (lengths >= s.dedup.line_min_chars)
