@@ -42,14 +42,14 @@ def test_missing_config_file(capsys):
 def test_empty_folder(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = run_cli(capsys, "tokenizer", f"--run_dir={tmp_path}/run", f"--input={tmp_path}/empty")
-    assert rc == 2 and "no .txt, .md or .jsonl files" in err and len(err.splitlines()) == 1
+    assert rc == 2 and "no readable text files" in err and len(err.splitlines()) == 1
 
 
 def test_binary_file(capsys, tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "weights.txt").write_bytes(bytes(range(256)) * 10)
     rc, _, err = run_cli(capsys, "tokenizer", f"--run_dir={tmp_path}/run", f"--input={tmp_path}/data")
-    assert rc == 2 and "weights.txt looks binary" in err
+    assert rc == 2 and "weights.txt: binary" in err
 
 
 def test_missing_tokenizer(capsys, tmp_path, corpus):

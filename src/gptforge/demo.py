@@ -1,6 +1,7 @@
 """`gptforge demo`: the default pipeline on the bundled sample corpus, in a few minutes on a 2-core CPU.
 
-tokenizer -> pretrain (a ~5M-parameter model) -> generate samples from Chinese and English prompts. It orchestrates
+clean (the sample includes messy copies: GBK, Big5, ANSI codes, HTML, duplicates, boilerplate) -> tokenizer ->
+pretrain (a ~5M-parameter model) -> generate samples from Chinese and English prompts. It orchestrates
 the stages the way a user would call them one by one; each stage still writes only its own folder of the run
 directory. The same settings are in `configs/demo/default.yaml`.
 """
@@ -16,7 +17,7 @@ from gptforge import SAMPLE
 from gptforge.artifacts import save_config, stage_dir
 from gptforge.model.gpt import GPTConfig
 from gptforge.runtime import Runtime
-from gptforge.stages import generate, pretrain, tokenizer
+from gptforge.stages import clean, generate, pretrain, tokenizer
 from gptforge.train.trainer import TrainConfig
 
 DEMO_MODEL = GPTConfig(block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, dropout=0.1)
@@ -63,15 +64,16 @@ def banner(text: str) -> None:
 def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
     save_config(cfg, stage_dir(cfg.run_dir, "demo"))
-    banner("1/3 tokenizer: byte-level BPE trained on the corpus")
-    tok_cfg = tokenizer.Config(
-        run_dir=cfg.run_dir, input=cfg.input, vocab_size=cfg.vocab_size, overwrite=not cfg.resume
-    )
+    banner("1/4 clean: decode, normalize, filter and deduplicate the raw text")
+    clean_stats = clean.run(clean.Config(run_dir=cfg.run_dir, input=[cfg.input], overwrite=not cfg.resume), None)
+    text = str(Path(cfg.run_dir) / "clean" / "data")
+    banner("2/4 tokenizer: byte-level BPE trained on the cleaned corpus")
+    tok_cfg = tokenizer.Config(run_dir=cfg.run_dir, input=text, vocab_size=cfg.vocab_size, overwrite=not cfg.resume)
     tok_stats = tokenizer.run(tok_cfg, runtime)
-    banner("2/3 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
+    banner("3/4 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
     pre_cfg = pretrain.Config(
         run_dir=cfg.run_dir,
-        input=cfg.input,
+        input=text,
         model=cfg.model,
         train=cfg.train,
         device=cfg.device,
@@ -81,7 +83,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         overwrite=not cfg.resume,  # running the demo again starts it over
     )
     summary = pretrain.run(pre_cfg, runtime)
-    banner("3/3 generate: samples from the best checkpoint (KV cache)")
+    banner("4/4 generate: samples from the best checkpoint (KV cache)")
     gen_cfg = generate.Config(
         ckpt=str(Path(cfg.run_dir) / "pretrain" / "checkpoints"),
         prompt=cfg.prompts,
@@ -94,6 +96,12 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     samples = generate.run(gen_cfg, runtime)
     val = summary["val"]
     banner("demo finished")
+    r = clean_stats["records"]
+    print(
+        f"clean          {r['kept']} of {r['in']} records kept ({sum(r['deduplicated'].values())} duplicates, "
+        f"{sum(r['dropped'].values())} filtered, {sum(r['quarantined'].values())} quarantined); "
+        f"report {Path(cfg.run_dir) / 'clean' / 'report.html'}"
+    )
     print(
         f"tokenizer      zh {tok_stats['zh']['chars_per_token']} chars/token, "
         f"en {tok_stats['en']['chars_per_token']} chars/token"
@@ -110,4 +118,4 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     print(f"loss curve     {Path(cfg.run_dir) / 'pretrain' / 'loss.png'}")
     print(f"samples        {Path(cfg.run_dir) / 'generate' / 'samples.jsonl'}")
     print(f"total time     {time.perf_counter() - t0:.0f} s")
-    return {"tokenizer": tok_stats, "pretrain": summary, "generate": samples}
+    return {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples}

@@ -4,7 +4,6 @@ import random
 import re
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -21,7 +20,7 @@ from gptforge.data.filters import (
 from gptforge.data.normalize import NormalizeConfig, Normalizer
 from gptforge.data.text import units
 
-SAMPLE = Path(gptforge.__file__).parent / "sample_data"
+SAMPLE = gptforge.sample_data_dir()
 # Every check off; a test turns on the one it is about.
 OFF = dict(
     min_chars=0,

@@ -49,8 +49,9 @@ PII_ORDER = ("email", "ip", "cn_id", "bank_card", "phone")
 KEEP_FULL_WIDTH = "！（），：；？～"
 
 _HAN_RE = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]")  # t2s has work only here
-# Mojibake is built from characters of single-byte code pages; text made only of these never changes under ftfy.
-_FTFY_SAFE = "\t\n\x20-\x25\x27-\x7e\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f"
+# Mojibake is built from characters of single-byte code pages; text made only of these never changes under ftfy
+# (with our options: entities, line breaks and widths are handled elsewhere).
+_FTFY_SAFE = "\t\n\r\x20-\x7e\u3000-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f"
 
 DROP_TAGS = frozenset(
     {"script", "style", "noscript", "template", "head", "nav", "header", "footer", "aside", "svg", "iframe", "object"}

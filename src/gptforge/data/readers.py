@@ -64,7 +64,7 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[Docum
                 raise DataError(f"{f.path}: {e.reason}: {e.detail} {_HINT}") from None
 
 
-_HINT = "(`gptforge clean` quarantines such input and keeps the rest)"
+_HINT = "(`gptforge clean` sets such input aside, with the reason, and keeps the rest)"
 
 
 def split_pieces(doc: Document, max_chars: int) -> list[Document]:
