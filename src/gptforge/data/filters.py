@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gptforge.data.text import CJK_CHARS, units
+from gptforge.data.text import CJK_CHARS, UNIT_RE, units
 
 REASONS: tuple[str, ...] = (
     "too_short",
@@ -148,6 +148,12 @@ class FilterConfig(BaseModel):
     )
     max_dup_line_char_frac: float = Field(
         0.2, ge=0, le=1, description="Gopher: max share of characters in lines that repeat an earlier line"
+    )
+    dup_line_min_units: int = Field(
+        3,
+        ge=0,
+        description="a repeated line shorter than this many units (speaker names like 'BENEDICK.', 'Exeunt.') is "
+        "not counted as a duplicate: plays repeat them by nature (Much Ado reaches 0.29 otherwise)",
     )
     max_top_ngram_frac: dict[int, float] = Field(
         default_factory=lambda: dict(TOP_NGRAM_FRAC),
@@ -284,6 +290,8 @@ class Filters:
         dup_lines = dup_chars = 0
         for line in lines:
             if line in seen:
+                if len(UNIT_RE.findall(line)) < self.cfg.dup_line_min_units:
+                    continue
                 dup_lines += 1
                 dup_chars += len(line)
             else:
