@@ -192,3 +192,15 @@ def test_cli_help_and_no_torch(tmp_path):
 def test_missing_input_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         clean.run(_cfg(tmp_path, tmp_path / "nope"))
+
+
+def test_two_ranks_run_concurrently_and_wait_for_each_other(reference, corpus, tmp_path):
+    """Two machines on a shared folder, modelled as two processes started together with the same command."""
+    out, _ = reference
+    base = [sys.executable, "-m", "gptforge", "clean", f"--run_dir={tmp_path / 'run'}", f"--input={corpus}"]
+    base += ["--workers=1", "--shard_mb=0.004", "--progress=false", "--read.id_field=id", "--world_size=2"]
+    procs = [subprocess.Popen([*base, f"--rank={r}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    assert _digest(tmp_path / "run" / "clean") == _digest(out)
