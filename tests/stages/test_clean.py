@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gptforge.data.normalize import NormalizeConfig, Normalizer
 from gptforge.stages import clean
 
 ZH = "床前明月光疑是地上霜举头望山低思故乡春眠不觉晓处处闻啼鸟夜来风雨声花落知多少白日依尽黄河入海流欲穷千里目更上一层楼"
@@ -204,3 +205,24 @@ def test_two_ranks_run_concurrently_and_wait_for_each_other(reference, corpus, t
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     assert _digest(tmp_path / "run" / "clean") == _digest(out)
+
+
+def test_boilerplate_and_repeated_lines_and_parquet(tmp_path):
+    rng = random.Random(3)
+    footer = "本文来源于网络，版权归原作者所有，如有侵权请联系删除。"
+    shared = "This long sentence was pasted into two different articles by the same careless editor today."
+    docs = [_zh_doc(rng) + "\n" + footer for _ in range(6)] + [_en_doc(rng) for _ in range(4)]
+    docs[6] += "\n" + shared
+    docs[8] += "\n" + shared
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [json.dumps({"id": f"d{i}", "text": t}, ensure_ascii=False) for i, t in enumerate(docs)]
+    (data / "a.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    stats = clean.run(_cfg(tmp_path, data, output={"format": "parquet"}))
+    assert stats["records"]["kept"] == 10 and stats["lines_removed"] == {"boilerplate": 6, "repeated_lines": 1}
+    pq = pytest.importorskip("pyarrow.parquet")
+    table = pq.read_table(next((tmp_path / "run" / "clean" / "data").glob("*.parquet"))).to_pylist()
+    text = {r["id"]: r["text"] for r in table}
+    assert not any(footer in t for t in text.values())
+    assert shared in text["d6"] and shared not in text["d8"]  # kept in the first document only
+    assert text["d0"] == Normalizer(NormalizeConfig())(docs[0].replace("\n" + footer, ""))[0]
