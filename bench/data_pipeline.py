@@ -1,6 +1,6 @@
 """Data pipeline, side by side: gptforge's `clean` stage vs datatrove, documents/s and near-duplicate quality.
 
-    python bench/data_pipeline.py               # 50,000 documents, 3 interleaved runs per contender, ~15 min on 2 cores
+    python bench/data_pipeline.py               # 50,000 documents, 3 interleaved runs per contender, ~10 min on 2 cores
     python bench/data_pipeline.py --quick       # 5,000 documents, 1 run: a smoke test of about a minute
 
 bench-datatrove-env: datatrove is no dependency of gptforge. It lives in the benchmark's own virtual environment,
@@ -21,23 +21,26 @@ is printed and stored, next to the largest Jaccard found among sampled unrelated
 Truth. A copy edited at <= 10% must lose exactly one member of its pair (the tool may keep either one): one member
 removed is a true positive, none a false negative, both a false positive. Every other removed document (an
 unpaired document, the second member of an exact pair) is a false positive. Copies edited at 20% are left out of
-precision and recall and reported separately (share of those pairs deduplicated): at 20% edits only a third of the
-5-unit shingles survive (Jaccard ~0.33), and whether such a text is "the same document" is a policy choice, not a
-fact to score. Exact pairs are scored as exact-duplicate recall.
+precision and recall and reported separately (share of those pairs deduplicated): a fifth of the units changed
+leaves only about half of the 3-unit shingles shared (a third of the 5-unit ones), so whether such a text is "the
+same document" is a policy choice of the threshold, not a fact to score. Exact pairs are scored as exact recall.
 
-Contenders, all on the same machine, with 2 worker processes:
+Contenders, on the same machine, 2 worker processes each, with gptforge's DedupConfig defaults for both (n-gram
+size, 128 permutations, threshold; read at run time and stored in the JSON):
 * gptforge: `clean.run` in process with the equivalent steps only: read jsonl -> exact dedup -> MinHash LSH ->
-  write jsonl (normalization, quality filters, boilerplate and repeated-line removal off: datatrove runs none).
-* datatrove: bench/datatrove_side.py, the same steps as datatrove pipelines (ExactDedup* and the four MinHash
-  stages, LocalPipelineExecutor with fork workers), with a tokenizer giving the same units as gptforge (one
-  token per CJK character, one per word), so both shingle the same text the same way. This is datatrove at its
-  fastest for this corpus and the denominator of the headline ratio.
-* datatrove_cmn: the same, with datatrove's own Chinese setting (language "cmn": spaCy + jieba words).
-* gptforge_defaults: the whole stage as a user gets it (normalization, filters, boilerplate, threshold 0.7),
-  for reference; not part of the ratio.
-Both dedup contenders use 5-unit shingles, 128 hash functions and 32 bands x 4 rows (LSH threshold ~0.4, chosen
-because the truth calls 10%-edited copies duplicates and those have Jaccard 0.47-0.67). gptforge additionally
-verifies each candidate pair against threshold 0.4 with the full signature; datatrove has no verification step.
+  write jsonl. Normalization, boilerplate and repeated-line removal are off and every quality-filter threshold is
+  at its "off" value, because datatrove runs none of them (the filter pass itself cannot be switched off).
+* datatrove: bench/datatrove_side.py, the same steps as datatrove pipeline steps (ExactDedup* and the four MinHash
+  stages under LocalPipelineExecutor, fork workers), with a tokenizer that yields gptforge's units (one token per
+  CJK character, one per word) so both tools shingle the same text identically. datatrove merges every LSH
+  candidate pair unverified, so it gets the bands x rows that suit that (datasketch's rule, equal weight on false
+  positives and negatives) for the same threshold; gptforge verifies candidates with the whole signature and uses
+  more bands of fewer rows. This is datatrove at its fastest and most accurate here: the headline ratio's
+  denominator.
+* datatrove_cmn: the same with datatrove's own Chinese setting (language "cmn": spaCy + jieba words).
+* datatrove_gptforge_lsh: datatrove with gptforge's bands x rows, to show what the verification step buys.
+* gptforge_defaults: the whole stage as a user gets it (normalization, filters, boilerplate and line dedup on);
+  for reference, not part of the ratio.
 
 Timing: wall clock of the pipeline with the libraries already imported (gptforge in process, datatrove inside its
 subprocess), from the first read to the last written file. Runs are interleaved, each starts after waiting for
@@ -69,7 +72,14 @@ from dedup_corpus import RATES, Corpus, build
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "data_pipeline.json"
 DEFAULT_DT_PYTHON = ROOT / ".bench-venv" / "datatrove" / "bin" / "python"
-CONTENDERS = ("gptforge", "datatrove", "datatrove_cmn", "gptforge_defaults")
+# name -> (tool, datatrove tokenizer, LSH bands x rows: "own" = best for unverified candidates, "gptforge" = ours)
+CONTENDERS = {
+    "gptforge": ("gptforge", "", "gptforge"),
+    "datatrove": ("datatrove", "units", "own"),
+    "datatrove_cmn": ("datatrove", "cmn", "own"),
+    "datatrove_gptforge_lsh": ("datatrove", "units", "gptforge"),
+    "gptforge_defaults": ("gptforge", "", "gptforge"),
+}
 GRAY = "r20"
 GOAL_RATIO, GOAL_F1 = 2.0, 0.95
 CONTENDED = 0.05
@@ -110,15 +120,10 @@ def dedup_params() -> dict:
     from gptforge.data.dedup import DedupConfig, optimal_bands
 
     d = DedupConfig()
-    b, r = optimal_bands(round(d.threshold, 6), d.num_perm, *((0.1, 0.9) if d.verify else (0.5, 0.5)))
-    return {
-        "ngram": d.ngram,
-        "num_perm": d.num_perm,
-        "threshold": d.threshold,
-        "verify": d.verify,
-        "bands": b,
-        "rows": r,
-    }
+    out = {"ngram": d.ngram, "num_perm": d.num_perm, "threshold": d.threshold, "verify": d.verify}
+    out["gptforge"] = optimal_bands(round(d.threshold, 6), d.num_perm, *((0.1, 0.9) if d.verify else (0.5, 0.5)))
+    out["own"] = optimal_bands(round(d.threshold, 6), d.num_perm)  # datatrove merges every candidate: FP = FN weight
+    return out
 
 
 def run_gptforge(corpus_dir: Path, work: Path, defaults: bool) -> dict:
@@ -152,10 +157,11 @@ def run_gptforge(corpus_dir: Path, work: Path, defaults: bool) -> dict:
     return {"wall_s": wall, "removed": removed, "kept": kept, "extra": {"shards": stats.get("shards")}}
 
 
-def run_datatrove(py: Path, corpus_dir: Path, work: Path, tokenizer: str, p: dict) -> dict:
+def run_datatrove(py: Path, corpus_dir: Path, work: Path, tokenizer: str, p: dict, lsh: str) -> dict:
     result = work.with_suffix(".json")
     cmd = [str(py), str(ROOT / "bench" / "datatrove_side.py"), "--input", str(corpus_dir), "--work", str(work)]
-    cmd += ["--out", str(result), "--bands", str(p["bands"]), "--rows", str(p["rows"]), "--ngram", str(p["ngram"])]
+    bands, rows = p[lsh]
+    cmd += ["--out", str(result), "--bands", str(bands), "--rows", str(rows), "--ngram", str(p["ngram"])]
     cmd += ["--workers", str(WORKERS), "--tokenizer", tokenizer]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     if proc.returncode:
@@ -203,28 +209,23 @@ def score(c: Corpus, removed_ids: dict[str, list[str]]) -> dict:
 
 def truth_stats(c: Corpus, ngram: int, samples: int = 20_000) -> dict:
     """Measured shingle Jaccard of the planted pairs (per rate) and the largest among random unrelated pairs."""
+    import numpy as np
+
     from gptforge.data.dedup import shingle_hashes
 
-    cache: dict[int, set] = {}
-
-    def sh(i: int) -> set:
-        if i not in cache:
-            cache[i] = set(shingle_hashes(c.texts[i], ngram).tolist())
-        return cache[i]
-
     def jac(i: int, j: int) -> float:
-        a, b = sh(i), sh(j)
-        return len(a & b) / len(a | b)
+        a, b = shingle_hashes(c.texts[i], ngram), shingle_hashes(c.texts[j], ngram)  # sorted, distinct
+        inter = np.intersect1d(a, b, assume_unique=True).size
+        return inter / (a.size + b.size - inter)
 
     per: dict[str, list[float]] = {}
     for i, k in enumerate(c.kind):
         if k not in ("base", "exact"):
             per.setdefault(k, []).append(jac(i, c.partner[i]))
-    rng, unrelated = random.Random(7), []
-    pool = [i for i in range(len(c.texts)) if i < 4000 or rng.random() < 0.05][:6000]
-    for _ in range(samples):
-        i, j = rng.sample(pool, 2)
-        if c.partner[i] != j and c.langs[i] == c.langs[j]:
+    rng, unrelated, n = random.Random(7), [], len(c.texts)
+    while len(unrelated) < samples:
+        i, j = rng.randrange(n), rng.randrange(n)
+        if i != j and c.partner[i] != j and c.langs[i] == c.langs[j]:
             unrelated.append(jac(i, j))
     rates = {k: {"mean": statistics.fmean(v), "min": min(v), "max": max(v)} for k, v in sorted(per.items())}
     return {"jaccard_by_rate": rates, "unrelated_pairs_sampled": len(unrelated), "unrelated_max": max(unrelated)}
@@ -248,6 +249,8 @@ def table(res: dict) -> str:
             f"| {s['f1']:.4f} | {by_rate} | {s['exact_recall']:.3f} |"
         )
     t, cfg, m, goal = res["truth"], res["config"], res["machine"], res["goal"]
+    d = cfg["dedup"]
+    (gb, gr), (ob, orr) = d["gptforge"], d["own"]
     jac = ", ".join(f"{k[1:]}% {v['mean']:.2f}" for k, v in t["jaccard_by_rate"].items())
     rows += [
         "",
@@ -255,6 +258,9 @@ def table(res: dict) -> str:
         f"each, {WORKERS} workers; {m['cpu']}, {m['date'][:10]}. Per-rate columns: share of planted pairs "
         f"deduplicated (20%: not scored). Mean shingle Jaccard per edit rate: {jac}; largest among "
         f"{t['unrelated_pairs_sampled']:,} unrelated pairs: {t['unrelated_max']:.3f}.",
+        f"Dedup (gptforge defaults): {d['ngram']}-unit shingles, {d['num_perm']} permutations, threshold "
+        f"{d['threshold']}; LSH bands x rows: gptforge {gb}x{gr} + verification, datatrove and datatrove_cmn "
+        f"{ob}x{orr}, datatrove_gptforge_lsh {gb}x{gr}. gptforge ran {res['runs']['gptforge'][0]['shards']} shard(s).",
         f"Ratio vs datatrove (same units): {res['ratio_vs_datatrove']:.2f}x"
         + (f"; vs datatrove_cmn: {res['ratio_vs_datatrove_cmn']:.2f}x" if res["ratio_vs_datatrove_cmn"] else "")
         + f". Goal (>= {GOAL_RATIO}x at F1 >= {GOAL_F1}): "
@@ -300,10 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
                 work = Path(tmp) / f"{name}-{rep}"
                 waited = wait_for_quiet(args.quiet_wait) if args.quiet_wait > 0 else 0.0
                 a = tree_snapshot()
-                if name.startswith("gptforge"):
+                tool, tokenizer, lsh = CONTENDERS[name]
+                if tool == "gptforge":
                     r = run_gptforge(corpus_dir, work, defaults=name == "gptforge_defaults")
                 else:
-                    r = run_datatrove(py, corpus_dir, work, "cmn" if name == "datatrove_cmn" else "units", params)
+                    r = run_datatrove(py, corpus_dir, work, tokenizer, params, lsh)
                 share = foreign_share(a, tree_snapshot())
                 s = score(corpus, r["removed"])
                 if name in quality and quality[name]["f1"] != s["f1"]:
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row.update(kept=r["kept"], foreign_cpu_share=share, quiet_wait_s=round(waited, 1), **r["extra"])
                 runs[name].append(row)
                 print(
-                    f"  [{rep + 1}/{args.repeats}] {name:<17} {row['docs_per_s']:>8,.0f} docs/s  "
+                    f"  [{rep + 1}/{args.repeats}] {name:<22} {row['docs_per_s']:>8,.0f} docs/s  "
                     f"({r['wall_s']:.1f}s)  P {s['precision']:.4f} R {s['recall']:.4f} F1 {s['f1']:.4f}  "
                     f"other load {fmt_share(share)}",
                     flush=True,

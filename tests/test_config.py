@@ -41,6 +41,9 @@ def test_string_fields_keep_text_and_lists_repeat():
     assert out == {"prompt": ["123", "a: b"], "ckpt": "x"}
     cfg = load(generate.Config, None, ["--ckpt=x", "--prompt=yes"])
     assert cfg.prompt == ["yes"]
+    assert parse_overrides(generate.Config, ["--prompt=[a, b]", "--prompt=[INST] hi [/INST]"]) == {
+        "prompt": ["a", "b", "[INST] hi [/INST]"]
+    }
 
 
 def test_bare_flag_means_true():

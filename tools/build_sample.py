@@ -58,6 +58,7 @@ def main(src: str) -> None:
 
 
 FOOTER = "—— 本文来源于网络，版权归原作者所有，如有侵权请联系删除。"
+NEWSLETTER = "Subscribe to our newsletter for more poetry every week!"
 PNG_1PX = bytes.fromhex(
     "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
     "1f15c4890000000d49444154789c6360000002000001e221bc330000000049454e44ae426082"
@@ -107,7 +108,7 @@ def messy(dst: Path, src_dir: Path) -> None:
             f.write(json.dumps({"id": f"blog-zh-{i}", "text": text}, ensure_ascii=False) + "\n")
         for i, n in enumerate(("XVIII", "XXIX", "LV", "LXXIII", "CXVI", "CXXX")):
             verse = sonnets[sonnets.index(f"\n{n}\n") + len(n) + 2 :].strip().split("\n")[:2]
-            text = f"Sonnet {n} opens with:\n{verse[0]}\n{verse[1]}\nSubscribe to our newsletter for more poetry every week!"
+            text = f"Sonnet {n} opens with:\n{verse[0]}\n{verse[1]}\n{NEWSLETTER}"
             f.write(json.dumps({"id": f"blog-en-{i}", "text": text}, ensure_ascii=False) + "\n")
     t2s = opencc.OpenCC("s2t")
     trad_poems = [t2s.convert(rec["text"]) for rec in tang[100:]]

@@ -7,6 +7,7 @@ without any stage importing another.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,12 +35,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, rename: readers see the old file or the new, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp makes 0600; other ranks/users on a shared folder must read it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

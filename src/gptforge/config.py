@@ -56,7 +56,7 @@ def _is_number(annotation: Any) -> bool:
 
 def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
     """`['--a.b=1', '--c', 'x', '--flag']` -> nested dict. A bare flag means true and is allowed for boolean keys
-    only; a list field may be repeated."""
+    only; a list field may be repeated or given as a YAML flow list (`--a=[x,y]`)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -80,6 +80,13 @@ def parse_overrides(model: type[BaseModel], args: list[str]) -> dict[str, Any]:
             value: Any = raw
         elif is_list:
             value = [raw]
+            if raw.startswith("[") and raw.endswith("]"):  # --languages='[zh,en]' (YAML flow list) or repeat the flag
+                try:
+                    parsed = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    parsed = None  # not a list after all (a prompt like "[INST] hi [/INST]"): keep the text
+                if isinstance(parsed, list) and all(isinstance(v, str | int | float) for v in parsed):
+                    value = [str(v) for v in parsed]
         else:
             try:
                 value = yaml.safe_load(raw)

@@ -18,7 +18,9 @@ import pytest
 from gptforge.data.normalize import NormalizeConfig, Normalizer
 from gptforge.stages import clean
 
-ZH = "床前明月光疑是地上霜举头望山低思故乡春眠不觉晓处处闻啼鸟夜来风雨声花落知多少白日依尽黄河入海流欲穷千里目更上一层楼"
+ZH = (
+    "床前明月光疑是地上霜举头望山低思故乡春眠不觉晓处处闻啼鸟夜来风雨声花落知多少白日依尽黄河入海流欲穷千里目更上一层楼"
+)
 EN = (
     "the quick brown fox jumps over lazy dog while river runs past old stone bridge under grey sky and children "
     "play near green hills where farmers plant wheat corn barley every spring season"
@@ -28,7 +30,9 @@ EN = (
 def _zh_doc(rng: random.Random, n: int = 120) -> str:
     lines = []
     for _ in range(n // 12):
-        lines.append("".join(rng.choice(ZH) for _ in range(5)) + "，" + "".join(rng.choice(ZH) for _ in range(5)) + "。")
+        lines.append(
+            "".join(rng.choice(ZH) for _ in range(5)) + "，" + "".join(rng.choice(ZH) for _ in range(5)) + "。"
+        )
     return "\n".join(lines)
 
 
@@ -51,11 +55,15 @@ def make_corpus(root: Path, n: int = 120, seed: int = 0) -> dict:
     for i in range(10, 20):
         t = docs[i]
         k = len(t) // 2
-        near.append(json.dumps({"id": f"n{i}", "text": t[:k] + ("之" if i % 2 else "z") + t[k + 1 :]}, ensure_ascii=False))
+        near.append(
+            json.dumps({"id": f"n{i}", "text": t[:k] + ("之" if i % 2 else "z") + t[k + 1 :]}, ensure_ascii=False)
+        )
     with gzip.open(root / "copies.jsonl.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(copies + near) + "\n")
     (root / "gbk.txt").write_bytes(_zh_doc(rng).encode("gbk"))
-    (root / "big5.txt").write_bytes("春眠不覺曉，處處聞啼鳥。夜來風雨聲，花落知多少。\n白日依山盡，黃河入海流。".encode("big5"))
+    (root / "big5.txt").write_bytes(
+        "春眠不覺曉，處處聞啼鳥。夜來風雨聲，花落知多少。\n白日依山盡，黃河入海流。".encode("big5")
+    )
     (root / "utf16.txt").write_bytes(_en_doc(rng).encode("utf-16"))
     (root / "ansi.txt").write_text("\x1b[31m" + _en_doc(rng) + "\x1b[0m", encoding="utf-8")
     (root / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)

@@ -134,7 +134,7 @@ def test_failed_start_leaves_the_run_as_it_was(trained_run, tmp_path, capsys):
     (bad / "x.txt").write_bytes(b"\x00\x01binary")
     written = {f: (run / "pretrain" / f).read_bytes() for f in ("config.yaml", "tokens/meta.json")}
     assert pretrain(run, bad, "--overwrite") == 2
-    assert "looks binary" in capsys.readouterr().err
+    assert ": binary:" in capsys.readouterr().err
     assert written == {f: (run / "pretrain" / f).read_bytes() for f in written}
     assert not (run / "pretrain" / "tokens.tmp").exists()
     assert len(ck.committed(run / "pretrain" / "checkpoints")) == 2  # --overwrite deletes only once all checks pass

@@ -10,9 +10,12 @@ Steps are the datatrove shape (a list of steps over a document stream), split wh
 3. **write** (parallel, per shard): drop the duplicates, remove boilerplate/repeated lines, write the output shard.
 
 A shard's outputs are written to temporary names and renamed into place before its marker file, so a killed run
-redoes only the shards without a marker and never duplicates or loses a record. The global order of documents is
-(shard, position in shard), fixed by the plan, so the output is identical whatever the worker count or rank split.
-Memory is bounded by one shard, except the dedup step, which holds 16 bytes + one signature per document.
+redoes only the shards without a marker and never duplicates or loses a record (`clean_io`). The global order of
+documents is (shard, position in shard), fixed by the plan, so the output is identical whatever the worker count or
+rank split. Memory does not grow with the corpus, nor with a shard's text: documents, ids and signatures stream
+through files, and a shard holds 16 bytes per document and 32 per long line in memory (a single big compressed file
+is one shard). The dedup step is the exception: it holds 16 bytes + one signature per document, the line table, and
+the ids of the documents that duplicates point at.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import hashlib
 import json
 import os
 import time
+from array import array
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +35,21 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptforge.artifacts import atomic_write_text, fsync_dir
+from gptforge.artifacts import atomic_write_text
+from gptforge.data.clean_io import ShardFiles, load_npy, save_npy
 from gptforge.data.decontam import DecontamConfig, Decontaminator
 from gptforge.data.dedup import DedupConfig, MinHasher, exact_duplicate_reps, exact_key, near_duplicate_clusters
 from gptforge.data.filters import FilterConfig, Filters, detect_language, script_mix
 from gptforge.data.normalize import NormalizeConfig, Normalizer
+from gptforge.data.sources import FileRejected, InputConfig, InputFile, Quarantined, discover, iter_file, split_points
 from gptforge.data.text import UNIT_RE
-from gptforge.data.sources import FileRejected, InputConfig, InputFile, Quarantined, iter_file, split_points
 from gptforge.faults import fault_seconds
 
 # Document lengths (characters) are histogrammed into fixed bins so shard statistics add up exactly.
 LENGTH_BINS = [0, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000]
 EXAMPLES_PER_REASON = 3
 DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")
+MAX_LISTED = 200  # files or contaminated documents listed in stats.json; all of them are in the files on disk
 
 
 class BoilerplateConfig(BaseModel):
@@ -107,12 +114,24 @@ def plan_shards(files: list[InputFile], read: InputConfig, shard_bytes: int) -> 
     return shards
 
 
+def eval_files_stamp(paths: list[str]) -> list[list]:
+    """[path, size, mtime] of every evaluation file: what is contaminated depends on their content."""
+    if not paths:
+        return []
+    try:
+        found = discover(paths)
+    except ValueError as e:
+        raise ValueError(f"decontam.paths: {e}") from None
+    return [[f.rel, f.size, os.stat(f.path).st_mtime_ns] for f in found]
+
+
 def plan_fingerprint(inputs: list[str], files: list[InputFile], shards: list[list[Piece]], settings: Settings) -> dict:
     return {
         "inputs": inputs,
         "settings": settings.model_dump(mode="json"),
         "files": [[f.rel, f.size, os.stat(f.path).st_mtime_ns] for f in files],
         "shards": [[asdict(p) for p in s] for s in shards],
+        "eval_files": eval_files_stamp(settings.decontam.paths),
     }
 
 
@@ -129,48 +148,14 @@ def line_hash(line: str) -> int:
     return int.from_bytes(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
-class _ShardFiles:
-    """jsonl files of one shard, written under temporary names and renamed into place by commit()."""
-
-    def __init__(self) -> None:
-        self._open: dict[Path, Any] = {}
-
-    def write(self, path: Path, row: dict) -> None:
-        fh = self._open.get(path)
-        if fh is None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fh = self._open[path] = open(_tmp(path), "w", encoding="utf-8")
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    def commit(self) -> None:
-        for path, fh in self._open.items():
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
-            os.replace(_tmp(path), path)
-            fsync_dir(path.parent)
-        self._open.clear()
-
-    def abort(self) -> None:
-        for path, fh in self._open.items():
-            fh.close()
-            _tmp(path).unlink(missing_ok=True)
-        self._open.clear()
-
-
-def _remove_stale(out: Path, index: int) -> None:
-    """Temporary files a killed run left behind for this shard (a redo may not write the same reasons)."""
-    for sub in ("rejects", "quarantine", "data"):
-        for p in (out / sub).rglob(f".{part(index)}.*.tmp") if (out / sub).is_dir() else ():
-            p.unlink(missing_ok=True)
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
+def _tools(settings_json: str) -> tuple:
+    s = Settings.model_validate_json(settings_json)
+    # keyed by the evaluation files too: a process that runs twice must not reuse an index of files since changed
+    return _build_tools(settings_json, json.dumps(eval_files_stamp(s.decontam.paths)))
 
 
 @functools.lru_cache(maxsize=2)
-def _tools(settings_json: str) -> tuple:
+def _build_tools(settings_json: str, eval_stamp: str) -> tuple:
     """The steps, built once per worker process (the decontamination index reads the evaluation files)."""
     s = Settings.model_validate_json(settings_json)
     normalizer = Normalizer(s.normalize)
@@ -192,7 +177,7 @@ def _line_min_chars(s: Settings) -> int | None:
 
 def _new_stats() -> dict:
     return {
-        "files": {},
+        "files": {},  # by index in the plan's file list: two inputs may hold the same relative path
         "records_in": 0,
         "quarantined": Counter(),
         "dropped": Counter(),
@@ -201,7 +186,8 @@ def _new_stats() -> dict:
         "lengths_before": [0] * len(LENGTH_BINS),
         "languages_before": Counter(),
         "examples": {},
-        "contaminated": [],
+        "contaminated": [],  # the first MAX_LISTED; all of them are in rejects/contaminated or marked in data
+        "contaminated_count": 0,
     }
 
 
@@ -211,19 +197,32 @@ def _example(stats: dict, reason: str, row: dict) -> None:
         ex.append({k: (v[:300] if isinstance(v, str) else v) for k, v in row.items()})
 
 
-def scan_shard(index: int, pieces: list[Piece], files: list[InputFile], settings_json: str, out: Path) -> dict:
-    """Step 1 for one shard; returns its statistics (also saved as the shard's completion marker)."""
+def _contaminated(stats: dict, doc_id: str, hit: dict) -> None:
+    stats["contaminated_count"] += 1
+    if len(stats["contaminated"]) < MAX_LISTED:
+        stats["contaminated"].append({"id": doc_id, **hit})
+
+
+def scan_shard(
+    index: int, pieces: list[Piece], files: Mapping[int, InputFile] | Sequence[InputFile], settings_json: str, out: Path
+) -> dict:
+    """Step 1 for one shard; returns its statistics (also saved as the shard's completion marker). `files[i]` is
+    the plan's file i: the whole list, or only this shard's files."""
     s, normalizer, filters, decontam, hasher = _tools(settings_json)
     work = out / "work" / "scan" / part(index)
     work.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, index)
-    sink, stats = _ShardFiles(), _new_stats()
+    sink, stats = ShardFiles(), _new_stats()
     min_line = _line_min_chars(s)
-    texts, ids, keys, line_rows, sigs = [], [], [], [], []
+    # Per document only 16 bytes of key and 32 per long line stay in memory; texts, ids and signatures stream to disk.
+    keys, line_rows, texts, n_docs = bytearray(), array("Q"), [], 0
     try:
+        docs_out, ids_out = sink.open(work / "docs.jsonl"), sink.open(work / "ids.jsonl")
+        sig_out = sink.open(work / "sig.u32", "raw") if hasher is not None else None
         for piece in pieces:
             f = files[piece.file]
-            row = stats["files"].setdefault(f.rel, {"records": 0, "bytes": f.size, "format": f.fmt})
+            row = stats["files"].setdefault(
+                str(piece.file), {"file": f.rel, "records": 0, "bytes": f.size, "format": f.fmt}
+            )
             try:
                 for item in iter_file(f, s.read, piece.start, piece.end, piece.first_line):
                     if isinstance(item, Quarantined):
@@ -248,52 +247,45 @@ def scan_shard(index: int, pieces: list[Piece], files: list[InputFile], settings
                     hit = decontam.check(text) if decontam and reason is None else None
                     if hit and s.decontam.action == "drop":
                         reason = "contaminated"
+                    if hit:
+                        _contaminated(stats, item.id, hit)
                     if reason:
                         stats["dropped"][reason] += 1
                         rej = {**base, "reason": reason, "detail": _detail(reason, hit), "text": text}
                         sink.write(out / "rejects" / reason / f"{part(index)}.jsonl", rej)
                         _example(stats, reason, rej)
-                        if hit:
-                            stats["contaminated"].append({"id": item.id, **hit})
                         continue
                     doc = {**base, "lang": lang, "text": text}
                     if hit:
                         doc["contaminated_with"] = hit["eval_id"]
-                        stats["contaminated"].append({"id": item.id, **hit})
-                    local = len(ids)
-                    ids.append(item.id)
-                    sink.write(work / "docs.jsonl", doc)
-                    keys.append(exact_key(text))
+                    local, n_docs = n_docs, n_docs + 1
+                    docs_out.write(doc)
+                    ids_out.write(item.id)
+                    keys += exact_key(text)
                     if min_line is not None:
-                        for line in {ln.strip() for ln in text.split("\n")}:
+                        for line in dict.fromkeys(ln.strip() for ln in text.split("\n")):
                             if len(line) >= min_line:
-                                line_rows.append((line_hash(line), local, len(line), len(UNIT_RE.findall(line))))
-                    if hasher is not None:
+                                line_rows.extend((line_hash(line), local, len(line), len(UNIT_RE.findall(line))))
+                    if sig_out is not None:
                         texts.append(text)
                         if len(texts) >= 512:
-                            sigs.append(hasher.signatures(texts))
+                            sig_out.write(np.ascontiguousarray(hasher.signatures(texts), dtype=np.uint32))
                             texts = []
                 if piece.start == 0:
                     row["status"] = "ok"
             except FileRejected as e:
-                if piece.start == 0:
+                if piece.start == 0:  # every piece of a file sees the same head, so report the file once
                     row.update(status=e.kind, reason=e.reason, detail=e.detail)
-                if e.kind == "quarantined":
-                    q = {"source": f.rel, "line": None, "reason": e.reason, "detail": e.detail, "scope": "file"}
-                    sink.write(out / "quarantine" / f"{part(index)}.jsonl", q)
-                    _example(stats, e.reason, q)
-        if hasher is not None and texts:
-            sigs.append(hasher.signatures(texts))
-        stats["candidates"] = len(ids)
-        if not ids:
-            (work / "docs.jsonl").touch()
-        _save_npy(work / "exact.npy", np.array(keys, dtype="S16").reshape(-1))
-        if hasher is not None:
-            sig = np.concatenate(sigs) if sigs else np.zeros((0, s.dedup.num_perm), dtype=np.uint32)
-            _save_npy(work / "sig.npy", sig)
-        lines = np.array(line_rows, dtype=np.uint64).reshape(-1, 4)  # hash, doc, characters, units
-        _save_npy(work / "lines.npy", lines)
-        atomic_write_text(work / "ids.json", json.dumps(ids, ensure_ascii=False))
+                    if e.kind == "quarantined":
+                        q = {"source": f.rel, "line": None, "reason": e.reason, "detail": e.detail, "scope": "file"}
+                        sink.write(out / "quarantine" / f"{part(index)}.jsonl", q)
+                        _example(stats, e.reason, q)
+        if sig_out is not None and texts:
+            sig_out.write(np.ascontiguousarray(hasher.signatures(texts), dtype=np.uint32))
+        stats["candidates"] = n_docs
+        save_npy(work / "exact.npy", np.frombuffer(bytes(keys), dtype="S16"))
+        lines = np.frombuffer(line_rows, dtype=np.uint64).reshape(-1, 4)  # hash, doc, characters, units
+        save_npy(work / "lines.npy", lines)
         time.sleep(fault_seconds("clean_shard_sleep"))  # reliability tests widen the window for a kill here
         sink.commit()
     except BaseException:
@@ -311,15 +303,15 @@ def _detail(reason: str, hit: dict | None) -> str:
     return ""
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
-
-
 def _jsonable(stats: dict) -> dict:
     return {k: (dict(v) if isinstance(v, Counter) else v) for k, v in stats.items()}
+
+
+def _signatures(scan: Path, index: int, count: int, num_perm: int) -> np.ndarray:
+    sig = np.fromfile(scan / part(index) / "sig.u32", dtype=np.uint32)
+    if sig.size != count * num_perm:
+        raise RuntimeError(f"clean: {scan / part(index)} holds {sig.size} signature values for {count} documents")
+    return sig.reshape(count, num_perm)
 
 
 def dedup_all(n_shards: int, settings_json: str, out: Path) -> dict:
@@ -335,10 +327,18 @@ def dedup_all(n_shards: int, settings_json: str, out: Path) -> dict:
         keys = np.concatenate([np.load(scan / part(i) / "exact.npy") for i in range(n_shards)])
         rep = exact_duplicate_reps(keys).astype(np.int64)
         reason[rep != np.arange(n)] = 1
+        del keys
     if s.dedup.near and n:
         uniq = np.flatnonzero(reason == 0)
-        sig = np.concatenate([np.load(scan / part(i) / "sig.npy") for i in range(n_shards)])[uniq]
+        bounds = np.searchsorted(uniq, offsets)
+        sig = np.concatenate(  # one shard's signatures at a time, only the documents that are not exact copies
+            [
+                _signatures(scan, i, counts[i], s.dedup.num_perm)[uniq[bounds[i] : bounds[i + 1]] - offsets[i]]
+                for i in range(n_shards)
+            ]
+        )
         near = near_duplicate_clusters(sig, s.dedup.threshold, s.dedup.bands, s.dedup.verify)
+        del sig
         moved = near != np.arange(len(uniq))
         reason[uniq[moved]] = 2
         rep[uniq[moved]] = uniq[near[moved]]
@@ -348,22 +348,29 @@ def dedup_all(n_shards: int, settings_json: str, out: Path) -> dict:
     boilerplate, repeated = _line_decisions(s, scan, n_shards, offsets, reason)
     folder = out / "work" / "dedup"
     folder.mkdir(parents=True, exist_ok=True)
-    _save_npy(folder / "boilerplate.npy", boilerplate)
-    _save_npy(folder / "repeated.npy", repeated)
-    ids = _IdLookup(scan, offsets)
+    save_npy(folder / "boilerplate.npy", boilerplate)
+    save_npy(folder / "repeated.npy", repeated)
+    dups = np.flatnonzero(reason)
+    top = _largest_clusters(root, dups)
+    wanted = [rep[dups]] + [np.array([r, *members], dtype=np.int64) for r, _, members in top]
+    ids = _column(scan, "ids.jsonl", offsets, np.unique(np.concatenate(wanted)))  # each shard read once at most
+    cut = np.searchsorted(dups, offsets)
     for i in range(n_shards):
-        lo, hi = int(offsets[i]), int(offsets[i + 1])
         rows = [
-            [local, DUPLICATE_REASONS[reason[lo + local] - 1], ids(int(rep[lo + local]))]
-            for local in np.flatnonzero(reason[lo:hi]).tolist()
+            [g - int(offsets[i]), DUPLICATE_REASONS[reason[g] - 1], ids[int(rep[g])]]
+            for g in dups[cut[i] : cut[i + 1]].tolist()
         ]
         atomic_write_text(folder / f"{part(i)}.json", json.dumps(rows, ensure_ascii=False))
-    clusters = _largest_clusters(root, reason, ids, scan)
+    docs = _column(scan, "docs.jsonl", offsets, np.unique(np.array([r for r, _, _ in top], dtype=np.int64)))
+    clusters = [
+        {"size": size, "kept": ids[r], "removed": [ids[m] for m in members], "preview": docs[r]["text"][:200]}
+        for r, size, members in top
+    ]
     stats = {
         "documents": n,
         "exact_duplicate": int((reason == 1).sum()),
         "near_duplicate": int((reason == 2).sum()),
-        "clusters": int(len(np.unique(root[reason > 0]))),
+        "clusters": int(len(np.unique(root[dups]))),
         "largest_clusters": clusters,
         "boilerplate_lines": int(len(boilerplate)),
         "repeated_lines": int(len(repeated)),
@@ -372,22 +379,22 @@ def dedup_all(n_shards: int, settings_json: str, out: Path) -> dict:
     return stats
 
 
-class _IdLookup:
-    """Global document index -> its id, loading one shard's id list at a time."""
-
-    def __init__(self, scan: Path, offsets: np.ndarray):
-        self.scan, self.offsets = scan, offsets
-        self._shard, self._ids = -1, []
-
-    def locate(self, g: int) -> tuple[int, int]:
-        shard = int(np.searchsorted(self.offsets, g, side="right")) - 1
-        return shard, g - int(self.offsets[shard])
-
-    def __call__(self, g: int) -> str:
-        shard, local = self.locate(g)
-        if shard != self._shard:
-            self._shard, self._ids = shard, json.loads((self.scan / part(shard) / "ids.json").read_text("utf-8"))
-        return self._ids[local]
+def _column(scan: Path, name: str, offsets: np.ndarray, wanted: np.ndarray) -> dict[int, Any]:
+    """Global document index -> its row of each shard's `name` (jsonl, one row per document) for the sorted
+    indices `wanted`, reading each shard's file once at most and only up to the last row needed."""
+    found: dict[int, Any] = {}
+    shard_of = np.searchsorted(offsets, wanted, side="right") - 1
+    for shard in np.unique(shard_of).tolist():
+        lo = int(offsets[shard])
+        need = set((wanted[shard_of == shard] - lo).tolist())
+        last = max(need)
+        with open(scan / part(shard) / name, encoding="utf-8") as fh:
+            for local, line in enumerate(fh):
+                if local in need:
+                    found[lo + local] = json.loads(line)
+                if local >= last:
+                    break
+    return found
 
 
 def _line_decisions(s: Settings, scan: Path, n_shards: int, offsets: np.ndarray, reason: np.ndarray):
@@ -419,52 +426,52 @@ def _line_decisions(s: Settings, scan: Path, n_shards: int, offsets: np.ndarray,
     if s.dedup.lines:
         repeated = ~bp & (counts >= 2) & (lengths >= s.dedup.line_min_chars)
     rep = np.stack([hashes[repeated], rows[first[repeated], 1]], axis=1) if repeated.any() else empty_rep
-    return hashes[bp], rep
+    return hashes[bp], rep  # both sorted by hash (np.unique): writers look lines up with searchsorted
 
 
-def _largest_clusters(root: np.ndarray, reason: np.ndarray, ids: _IdLookup, scan: Path, top: int = 10) -> list[dict]:
-    members = np.flatnonzero(reason > 0)
-    if not len(members):
+def _largest_clusters(root: np.ndarray, dups: np.ndarray, top: int = 10) -> list[tuple[int, int, list[int]]]:
+    """(kept document, cluster size, first 5 removed members) of the `top` largest duplicate clusters."""
+    if not len(dups):
         return []
-    roots, counts = np.unique(root[members], return_counts=True)
+    roots, counts = np.unique(root[dups], return_counts=True)
     order = np.lexsort((roots, -counts))[:top]
-    out = []
-    for r, c in zip(roots[order].tolist(), counts[order].tolist()):
-        shard, local = ids.locate(r)
-        removed = [ids(m) for m in members[root[members] == r][:5].tolist()]
-        preview = _doc_text(scan / part(shard) / "docs.jsonl", local)[:200]
-        out.append({"size": c + 1, "kept": ids(r), "removed": removed, "preview": preview})
-    return out
+    return [
+        (r, c + 1, dups[root[dups] == r][:5].tolist()) for r, c in zip(roots[order].tolist(), counts[order].tolist())
+    ]
 
 
-def _doc_text(path: Path, local: int) -> str:
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if i == local:
-                return json.loads(line)["text"]
-    return ""
+def _in_sorted(table: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of `values` found in the sorted `table`, their positions)."""
+    if not len(table):
+        return np.zeros(len(values), dtype=bool), np.zeros(len(values), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(table, values), len(table) - 1)
+    return np.asarray(table[pos]) == values, pos
 
 
-@functools.lru_cache(maxsize=2)
-def _line_tables(dedup_dir: str) -> tuple[frozenset, dict]:
-    bp = np.load(Path(dedup_dir) / "boilerplate.npy")
-    rep = np.load(Path(dedup_dir) / "repeated.npy")
-    return frozenset(bp.tolist()), dict(zip(rep[:, 0].tolist(), rep[:, 1].tolist()))
+def _shard_line_tables(work: Path, index: int) -> tuple[frozenset, dict]:
+    """The boilerplate hashes and repeated lines (hash -> first document) that occur in this shard: the corpus-wide
+    tables are searched (memory-mapped when large), and only this shard's share is held."""
+    own = np.unique(np.load(work / "scan" / part(index) / "lines.npy")[:, 0])
+    bp = load_npy(work / "dedup" / "boilerplate.npy")
+    rep = load_npy(work / "dedup" / "repeated.npy")
+    in_bp, _ = _in_sorted(bp, own)
+    in_rep, pos = _in_sorted(rep[:, 0], own)
+    firsts = np.asarray(rep[pos[in_rep], 1]) if in_rep.any() else np.zeros(0, dtype=np.uint64)
+    return frozenset(own[in_bp].tolist()), dict(zip(own[in_rep].tolist(), firsts.tolist()))
 
 
 def write_shard(index: int, settings_json: str, out: Path, offset: int) -> dict:
-    """Step 3 for one shard: drop duplicates, strip boilerplate/repeated lines, write the output part."""
+    """Step 3 for one shard: drop duplicates, strip boilerplate/repeated lines, stream the output part."""
     s = Settings.model_validate_json(settings_json)
     work = out / "work"
-    _remove_stale(out, index)
     dropped = {r[0]: (r[1], r[2]) for r in json.loads((work / "dedup" / f"{part(index)}.json").read_text("utf-8"))}
-    boilerplate, repeated = _line_tables(str(work / "dedup"))
     min_line = _line_min_chars(s)
-    sink = _ShardFiles()
+    boilerplate, repeated = _shard_line_tables(work, index) if min_line is not None else (frozenset(), {})
+    sink = ShardFiles()
     stats = {"kept": 0, "dropped": Counter(), "lines_removed": Counter(), "lengths_after": [0] * len(LENGTH_BINS)}
     stats.update(languages_after=Counter(), chars_after={"cjk": 0.0, "latin": 0.0, "other": 0.0}, examples={})
-    kept: list[dict] = []
     try:
+        data = sink.open(out / "data" / f"{part(index)}.{s.output.format}", s.output.format)
         with open(work / "scan" / part(index) / "docs.jsonl", encoding="utf-8") as fh:
             for local, line in enumerate(fh):
                 doc = json.loads(line)
@@ -489,14 +496,13 @@ def write_shard(index: int, settings_json: str, out: Path, offset: int) -> dict:
                             _example(stats, why, row)
                             continue
                         doc["text"] = text
-                kept.append(doc)
+                data.write(doc)
                 stats["kept"] += 1
                 stats["lengths_after"][length_bin(len(doc["text"]))] += 1
                 stats["languages_after"][doc["lang"]] += 1
                 n = len(doc["text"])
                 for k, v in script_mix(doc["text"]).items():
                     stats["chars_after"][k] = stats["chars_after"].get(k, 0.0) + v * n
-        _write_output(out / "data", index, kept, s.output.format)
         sink.commit()
     except BaseException:
         sink.abort()
@@ -527,41 +533,3 @@ def _strip_lines(text: str, min_line: int, boilerplate: frozenset, repeated: dic
     while "\n\n\n" in out:
         out = out.replace("\n\n\n", "\n\n")
     return out.strip(), removed
-
-
-def _write_output(folder: Path, index: int, docs: list[dict], fmt: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{part(index)}.{fmt}"
-    tmp = _tmp(path)
-    if fmt == "parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError("output.format=parquet needs pyarrow: pip install 'gptforge[parquet]'") from None
-        cols = ["id", "text", "source", "line", "lang", "contaminated_with"]
-        table = pa.table({c: [d.get(c) for d in docs] for c in cols}, schema=_parquet_schema(pa))
-        pq.write_table(table, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-    else:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for d in docs:
-                fh.write(json.dumps(d, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(folder)
-
-
-def _parquet_schema(pa):
-    return pa.schema(
-        [
-            ("id", pa.string()),
-            ("text", pa.string()),
-            ("source", pa.string()),
-            ("line", pa.int64()),
-            ("lang", pa.string()),
-            ("contaminated_with", pa.string()),
-        ]
-    )

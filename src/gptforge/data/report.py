@@ -14,9 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from gptforge.artifacts import atomic_write_text
-from gptforge.data.pipeline import DUPLICATE_REASONS, EXAMPLES_PER_REASON, LENGTH_BINS, part
-
-MAX_LISTED = 200  # files or contaminated documents listed in stats.json; all of them are in the files on disk
+from gptforge.data.pipeline import DUPLICATE_REASONS, EXAMPLES_PER_REASON, LENGTH_BINS, MAX_LISTED, part
 
 
 def _load(path: Path) -> dict:
@@ -28,16 +26,19 @@ def aggregate(out: Path, n_shards: int, files: list) -> dict:
     scans = [_load(work / "scan" / part(i) / "stats.json") for i in range(n_shards)]
     writes = [_load(work / "write" / f"{part(i)}.json") for i in range(n_shards)]
     dedup = _load(work / "dedup" / "stats.json")
-    table: dict[str, dict] = {}
+    # keyed by the file's index in the plan, not its relative path: two input folders may both hold "a.jsonl"
+    table: dict[int, dict] = {}
     for s in scans:
-        for rel, row in s["files"].items():
-            t = table.setdefault(rel, {"records": 0})
+        for key, row in s["files"].items():
+            t = table.setdefault(int(key), {"records": 0})
             t["records"] += row.pop("records")
             t.update({k: v for k, v in row.items() if k not in t})
     file_counts = {"in": len(files), "ok": 0, "skipped": Counter(), "quarantined": Counter()}
-    for f in files:
-        row = table.get(f.rel, {})
-        status = row.get("status", "ok")
+    for i in range(len(files)):
+        status = table.get(i, {}).get("status")
+        if status is None:  # every file has a first piece, and that piece sets the status
+            raise RuntimeError(f"clean: file accounting: no shard reported on {files[i].rel}")
+        row = table[i]
         if status == "ok":
             file_counts["ok"] += 1
         else:
@@ -48,13 +49,15 @@ def aggregate(out: Path, n_shards: int, files: list) -> dict:
     chars = Counter()
     examples: dict[str, list] = {}
     contaminated: list = []
+    n_contaminated = 0
     for s in scans:
         quarantined.update(s["quarantined"])
         dropped.update(s["dropped"])
         normalized.update(s["normalized"])
         langs_before.update(s["languages_before"])
         before = [a + b for a, b in zip(before, s["lengths_before"])]
-        contaminated += s["contaminated"]
+        contaminated += s["contaminated"][: MAX_LISTED - len(contaminated)]
+        n_contaminated += s["contaminated_count"]
         _merge_examples(examples, s["examples"])
     deduplicated = Counter()
     for w in writes:
@@ -80,24 +83,20 @@ def aggregate(out: Path, n_shards: int, files: list) -> dict:
     ):
         raise RuntimeError("clean: file accounting does not balance")
     total_chars = sum(chars.values()) or 1
-    atomic_write_text(
-        out / "files.jsonl",
-        "".join(json.dumps({"file": rel, **row}, ensure_ascii=False) + "\n" for rel, row in sorted(table.items())),
-    )
+    rows = [{"file": row.get("file"), **row} for _, row in sorted(table.items())]  # input order
+    atomic_write_text(out / "files.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return {
         "files": {k: (dict(v) if isinstance(v, Counter) else v) for k, v in file_counts.items()},
         "records": records,
         "normalized": dict(normalized.most_common()),
         "lines_removed": dict(lines_removed),
         "dedup": dedup,
-        "contaminated": {"count": len(contaminated), "documents": contaminated[:MAX_LISTED]},
+        "contaminated": {"count": n_contaminated, "documents": contaminated},
         "lengths": {"bins": LENGTH_BINS, "before": before, "after": after},
         "languages": {"before": dict(langs_before.most_common()), "after": dict(langs_after.most_common())},
         "script_mix": {k: round(chars[k] / total_chars, 4) for k in ("cjk", "latin", "other")},
-        "encodings": dict(Counter(r.get("encoding", "-") for r in table.values() if r.get("status") == "ok")),
-        "problem_files": [{"file": rel, **row} for rel, row in sorted(table.items()) if row.get("status") != "ok"][
-            :MAX_LISTED
-        ],
+        "encodings": dict(Counter(r.get("encoding", "-") for r in rows if r.get("status") == "ok")),
+        "problem_files": [row for row in rows if row.get("status") != "ok"][:MAX_LISTED],
         "examples": examples,
     }
 
@@ -189,7 +188,8 @@ def markdown(stats: dict, charts: dict[str, Path], base: Path) -> str:
     parts = [
         "# Data report (gptforge clean)",
         f"{r['in']:,} records from {f['in']:,} files in {stats.get('seconds', 0)} s "
-        f"({stats.get('docs_per_s', 0):,} records/s, {stats.get('workers', 1)} workers, {stats.get('shards', 0)} shards).",
+        f"({stats.get('docs_per_s', 0):,} records/s, {stats.get('workers', 1)} workers, "
+        f"{stats.get('shards', 0)} shards).",
         "## Accounting",
         _md_table(
             ["outcome", "records"],
@@ -259,7 +259,7 @@ def markdown(stats: dict, charts: dict[str, Path], base: Path) -> str:
                 ["record", "detail", "text"],
                 [
                     [
-                        x.get("id") or f"{x.get('source')}:{x.get('line')}",
+                        x.get("id") or (f"{x.get('source')}:{x['line']}" if x.get("line") else x.get("source")),
                         x.get("detail", ""),
                         x.get("text", x.get("preview", "")),
                     ]
@@ -325,6 +325,7 @@ def summary(stats: dict, out: Path) -> str:
             f"  quarantined   {quar}",
             f"  script mix    CJK {stats['script_mix']['cjk']:.0%}, Latin {stats['script_mix']['latin']:.0%}",
             f"  output        {out / 'data'}",
-            f"  report        {out / 'report.html'} ({stats.get('seconds', 0)} s, {stats.get('docs_per_s', 0):,} records/s)",
+            f"  report        {out / 'report.html'} "
+            f"({stats.get('seconds', 0)} s, {stats.get('docs_per_s', 0):,} records/s)",
         ]
     )

@@ -151,8 +151,9 @@ def _walk(folder: Path, base: Path) -> list[tuple[Path, str]]:
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith("."):
-                path = Path(dirpath) / name
+            path = Path(dirpath) / name
+            # is_file() is False for broken symlinks, FIFOs and sockets: no text to read, and a FIFO would block.
+            if not name.startswith(".") and path.is_file():
                 found.append((path, Path(os.path.relpath(path, base)).as_posix()))
     return sorted(found, key=lambda pr: pr[1])
 
