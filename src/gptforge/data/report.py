@@ -109,7 +109,7 @@ def _merge_examples(into: dict, new: dict) -> None:
 
 def _bin_labels() -> list[str]:
     def fmt(n: int) -> str:
-        return f"{n // 1000}k" if n >= 1000 else str(n)
+        return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
 
     edges = LENGTH_BINS
     return [f"{fmt(a)}-{fmt(b)}" for a, b in zip(edges, edges[1:])] + [f"{fmt(edges[-1])}+"]
@@ -316,9 +316,15 @@ def summary(stats: dict, out: Path) -> str:
     dup = ", ".join(f"{k} {v}" for k, v in r["deduplicated"].items()) or "none"
     quar = ", ".join(f"{k} {v}" for k, v in r["quarantined"].items()) or "none"
     skipped = ", ".join(f"{k} {v}" for k, v in {**f["skipped"], **f["quarantined"]}.items()) or "none"
+    encodings = ", ".join(f"{k} {v}" for k, v in stats["encodings"].items()) or "none"
+    changed = ", ".join(f"{k} {v}" for k, v in stats["normalized"].items()) or "none"
+    lines = ", ".join(f"{k} {v}" for k, v in stats["lines_removed"].items()) or "none"
     return "\n".join(
         [
             f"clean: {r['in']:,} records from {f['in']} files ({f['ok']} read; not used: {skipped})",
+            f"  encodings     {encodings} (files)",
+            f"  normalized    {changed} (documents changed per step)",
+            f"  lines removed {lines}",
             f"  kept          {r['kept']:,}",
             f"  dropped       {dropped}",
             f"  deduplicated  {dup}",
