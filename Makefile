@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench lint clean
+.PHONY: demo test test-slow bench bench-data lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,17 @@ test-slow: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_throughput.py
 
+# The data pipeline benchmark runs datatrove from its own environment: it is never a dependency of gptforge.
+DT_VENV := .bench-venv/datatrove
+$(DT_VENV)/bin/python:
+	$(PYTHON) -m venv $(DT_VENV)
+	$(DT_VENV)/bin/python -m pip --disable-pip-version-check -q install datatrove orjson spacy 'xxhash<4' regex tokenizers jieba
+
+bench-data: $(VENV)/.installed-dev $(DT_VENV)/bin/python
+	DATATROVE_PYTHON=$(DT_VENV)/bin/python $(BIN)/python bench/data_pipeline.py
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests bench tools
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .bench-venv runs .pytest_cache

@@ -14,6 +14,8 @@ LocalPipelineExecutor, `--workers` processes, one task per input shard:
 6. JsonlReader -> ExactDedupFilter -> MinhashDedupFilter -> JsonlWriter (uncompressed; removed documents go to
    exclusion writers, one per reason)
 
+Workers are forked (`--start-method fork`) rather than started by datatrove's default forkserver: on 5,000 documents
+that took 3.5 s instead of 5.3 s, and forked workers are reaped children, so the benchmark can count their CPU time.
 Stage 6 re-reads and re-filters instead of stage 3 writing an intermediate copy: that is how datatrove's own MinHash
 examples chain a filtering pass into dedup, and reading jsonl costs less than writing and reading it again.
 

@@ -347,6 +347,13 @@ def _components(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
     return rep
 
 
+def lsh_bands(threshold: float, num_perm: int, bands: int = 0, verify: bool = True) -> tuple[int, int]:
+    """(bands, rows) used by near_duplicate_clusters; bands=0 picks them for the threshold."""
+    # verified candidates cost one comparison each, so with `verify` misses weigh 9x more than extra candidates
+    weights = (0.1, 0.9) if verify else (0.5, 0.5)
+    return optimal_bands(round(threshold, 6), num_perm, *weights) if bands == 0 else (bands, num_perm // bands)
+
+
 def near_duplicate_clusters(sigs: np.ndarray, threshold: float, bands: int = 0, verify: bool = True) -> np.ndarray:
     """rep int64 [n]: the smallest index of each document's near-duplicate cluster (rep[i] == i: keep it).
 
@@ -358,9 +365,7 @@ def near_duplicate_clusters(sigs: np.ndarray, threshold: float, bands: int = 0, 
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if bands < 0 or bands > num_perm:
         raise ValueError(f"bands must be in [0, num_perm={num_perm}], got {bands}")
-    # verified candidates cost one comparison each, so with `verify` misses weigh 9x more than extra candidates
-    weights = (0.1, 0.9) if verify else (0.5, 0.5)
-    b, r = optimal_bands(round(threshold, 6), num_perm, *weights) if bands == 0 else (bands, num_perm // bands)
+    b, r = lsh_bands(threshold, num_perm, bands, verify)
     live = np.flatnonzero(~(sigs == EMPTY).all(axis=1))  # documents without units are never anyone's duplicate
     if live.size < 2:
         return np.arange(n, dtype=np.int64)

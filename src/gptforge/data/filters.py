@@ -91,16 +91,45 @@ def _punct_re() -> re.Pattern:
     return re.compile(f"[{body}]+")
 
 
-def _count(pattern: re.Pattern, text: str) -> int:
-    """Characters of `text` matched by `pattern` (a character class with "+"): deleting the runs is one C pass
-    and never builds a list of one-character strings, unlike len(findall)."""
-    return len(text) - len(pattern.sub("", text))
+# Character classes for one vectorized counting pass (see _class_table).
+_SPACE, _DIGIT, _PUNCT, _LATIN, _HAN, _KANA, _HANGUL, _OTHER_LETTER, _OTHER = range(9)
+
+
+@lru_cache(maxsize=1)
+def _class_table() -> np.ndarray:
+    """Class of every code point, built once per process by running the module's own regexes over all of Unicode, so
+    the counts equal what the regexes would count; then one numpy lookup counts a document in a single pass."""
+    everything = "".join(map(chr, range(0x110000)))
+    table = np.full(0x110000, _OTHER, np.uint8)
+
+    def mark(pattern: re.Pattern, cls: int) -> None:
+        for m in pattern.finditer(everything):
+            table[m.start() : m.end()] = cls
+
+    mark(_punct_re(), _PUNCT)
+    mark(_DIGIT_RE, _DIGIT)
+    mark(_LETTER_RE, _OTHER_LETTER)
+    mark(_LATIN_RE, _LATIN)
+    mark(_CJK_LETTER_RE, _HAN)
+    mark(_KANA_RE, _KANA)
+    mark(_HANGUL_RE, _HANGUL)
+    mark(re.compile(r"\s+"), _SPACE)
+    table.setflags(write=False)
+    return table
 
 
 @lru_cache(maxsize=8)  # the clean stage calls detect_language and then Filters.check on the same string
+def _class_counts(text: str) -> np.ndarray:
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    return np.bincount(_class_table()[codes], minlength=9)
+
+
 def _letter_counts(text: str) -> tuple[int, int, int]:
-    """(all letters, CJK letters, Latin letters)."""
-    return _count(_LETTER_RE, text), _count(_CJK_LETTER_RE, text), _count(_LATIN_RE, text)
+    """(all letters, CJK letters, Latin letters); only letters that are not digits count (as in _LETTER_RE)."""
+    c = _class_counts(text)
+    cjk = int(c[_HAN] + c[_KANA] + c[_HANGUL])
+    latin = int(c[_LATIN])
+    return cjk + latin + int(c[_OTHER_LETTER]), cjk, latin
 
 
 def script_mix(text: str) -> dict[str, float]:
@@ -117,10 +146,11 @@ def _language(text: str, letters: int, cjk: int, latin: int) -> str:
     # A CJK character carries about as much as a word; a Latin word averages about four letters (Shakespeare 3.9).
     other = max(0, letters - cjk - latin)
     if cjk >= latin / 4 and cjk >= other / 4:
-        hangul = _count(_HANGUL_RE, text)
+        counts = _class_counts(text)
+        hangul = int(counts[_HANGUL])
         if hangul * 2 >= cjk:
             return "ko"
-        kana = _count(_KANA_RE, text)
+        kana = int(counts[_KANA])
         return "ja" if kana >= KANA_MIN_FRAC * (cjk - hangul) else "zh"
     if latin >= other:
         words = _LETTER_RE.findall(text.lower())  # whole words, so "Höhe" is not read as "h" + "he"
@@ -265,9 +295,10 @@ class Filters:
         if len(_SYMBOL_RE.findall(text)) > cfg.max_symbol_frac * max(len(us), 1):
             return "symbols"
         visible = n - text.count(" ") - text.count("\n") - text.count("\t")
-        if _count(_DIGIT_RE, text) > cfg.max_digit_frac * visible:
+        counts = _class_counts(text)
+        if counts[_DIGIT] > cfg.max_digit_frac * visible:
             return "digits"
-        if _count(self._punct, text) > cfg.max_punct_frac * visible:
+        if counts[_PUNCT] > cfg.max_punct_frac * visible:
             return "punctuation"
         if self._repetitive_lines(text):
             return "repetitive_lines"
@@ -302,7 +333,7 @@ class Filters:
 
     def _repetitive_ngrams(self, us: list[str], n_chars: int) -> bool:
         n_units = len(us)
-        if n_units < 2:
+        if n_units < 2 or not (self._top or self._dup):
             return False
         h = np.fromiter(map(hash, us), dtype=np.int64, count=n_units).view(np.uint64)
         # Characters per unit; skipped for text made of one-character units (Chinese), where an n-gram has n.

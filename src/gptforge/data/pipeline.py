@@ -38,7 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from gptforge.artifacts import atomic_write_text
 from gptforge.data.clean_io import ShardFiles, load_npy, save_npy
 from gptforge.data.decontam import DecontamConfig, Decontaminator
-from gptforge.data.dedup import DedupConfig, MinHasher, exact_duplicate_reps, exact_key, near_duplicate_clusters
+from gptforge.data.dedup import (
+    DedupConfig,
+    MinHasher,
+    exact_duplicate_reps,
+    exact_key,
+    lsh_bands,
+    near_duplicate_clusters,
+)
 from gptforge.data.filters import FilterConfig, Filters, detect_language, script_mix
 from gptforge.data.normalize import NormalizeConfig, Normalizer
 from gptforge.data.sources import FileRejected, InputConfig, InputFile, Quarantined, discover, iter_file, split_points
@@ -368,6 +375,9 @@ def dedup_all(n_shards: int, settings_json: str, out: Path) -> dict:
     ]
     stats = {
         "documents": n,
+        "lsh": dict(
+            zip(("bands", "rows"), lsh_bands(s.dedup.threshold, s.dedup.num_perm, s.dedup.bands, s.dedup.verify))
+        ),
         "exact_duplicate": int((reason == 1).sum()),
         "near_duplicate": int((reason == 2).sum()),
         "clusters": int(len(np.unique(root[dups]))),

@@ -62,7 +62,12 @@ class Config(BaseModel):
     decontam: DecontamConfig = Field(default_factory=DecontamConfig)
     output: pipeline.OutputConfig = Field(default_factory=pipeline.OutputConfig)
     workers: int = Field(0, ge=0, description="Worker processes; 0 = one per CPU core.")
-    shard_mb: float = Field(32.0, gt=0, description="Input megabytes per shard (the unit of parallel work and memory).")
+    shard_mb: float = Field(
+        32.0,
+        gt=0,
+        description="Largest input megabytes per shard (the unit of parallel work and memory); smaller inputs are cut "
+        "into about 32 shards of at least 1 MB so every core gets work.",
+    )
     rank: int = Field(-1, ge=-1, description="This machine's rank for multi-machine runs; -1 reads $RANK (else 0).")
     world_size: int = Field(0, ge=0, description="Number of machines; 0 reads $WORLD_SIZE (else 1).")
     step: str = Field(
@@ -88,6 +93,11 @@ def _env_int(name: str, default: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def shard_bytes(shard_mb: float, total: int) -> int:
+    """Shard size from the input size only, never from the worker count: the output must not depend on it."""
+    return int(min(shard_mb * 2**20, max(2**20, total / 32)))
 
 
 def _rank_world(cfg: Config) -> tuple[int, int]:
@@ -284,7 +294,7 @@ def run(cfg: Config, runtime: Runtime | None = None) -> dict:
     settings = cfg.settings()
     settings_json = settings.model_dump_json()
     files = _own_outputs_removed(discover(cfg.input), cfg.run_dir)
-    shards = pipeline.plan_shards(files, cfg.read, int(cfg.shard_mb * 2**20))
+    shards = pipeline.plan_shards(files, cfg.read, shard_bytes(cfg.shard_mb, sum(f.size for f in files)))
     out = stage_dir(cfg.run_dir, "clean")
     fingerprint = pipeline.plan_fingerprint(cfg.input, files, shards, settings)
     if rank == 0:
