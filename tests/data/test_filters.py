@@ -319,3 +319,11 @@ def test_speed_normalize_and_filter_500_char_docs():
     rate = len(docs) / (time.perf_counter() - t0)
     print(f"\nnormalize + detect_language + filters: {rate:,.0f} docs/s on {len(docs)} docs of 500 chars, 1 core")
     assert rate > 1000  # well above 2,000 on an idle core; loose here so a busy CI machine does not flake
+
+
+def test_vectorized_unit_count_equals_units():
+    from gptforge.data.filters import _unit_count
+
+    texts = ["", "Hello, world! 床前明月光，疑是地上霜。", "x_y 2024年 𠀀abc ｶﾀ 한국어 café", " \n\t", "...###"]
+    for t in texts:
+        assert _unit_count(t) == len(units(t)), t

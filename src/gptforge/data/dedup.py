@@ -101,6 +101,11 @@ def _constants(seed: int, salt: int, count: int) -> np.ndarray:
     return _mix64(steps + U64(start))
 
 
+def unit_classes() -> np.ndarray:
+    """Public view of the code-point class table (0 separator, 1 word character, 2 CJK unit)."""
+    return _unit_classes()
+
+
 @lru_cache(maxsize=1)
 def _unit_classes() -> np.ndarray:
     """Class of every code point under `UNIT_RE`: 0 separator, 1 word character, 2 CJK unit (a unit on its own).

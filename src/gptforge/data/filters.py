@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gptforge.data.dedup import unit_classes
 from gptforge.data.text import CJK_CHARS, UNIT_RE, units
 
 REASONS: tuple[str, ...] = (
@@ -77,6 +78,10 @@ _DIGIT_RE = re.compile(r"\d+")
 _SYMBOL_RE = re.compile(r"#+|\.{3,}|…+|⋯+")
 
 
+def _may_have_symbol(text: str) -> bool:  # a cheap pre-check: most documents have none of these)
+    return "#" in text or "..." in text or "…" in text or "⋯" in text
+
+
 @lru_cache(maxsize=1)
 def _punct_re() -> re.Pattern:
     """Unicode punctuation (categories P*, BMP only) plus the ASCII symbols $+<=>^`|~, built once per process."""
@@ -120,8 +125,19 @@ def _class_table() -> np.ndarray:
 
 @lru_cache(maxsize=8)  # the clean stage calls detect_language and then Filters.check on the same string
 def _class_counts(text: str) -> np.ndarray:
+    """Characters per class (see _class_table)."""
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
     return np.bincount(_class_table()[codes], minlength=9)
+
+
+def _unit_count(text: str) -> int:
+    """len(units(text)) without building the list: CJK units plus starts of word runs."""
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+    if not len(codes):
+        return 0
+    uc = unit_classes()[codes]
+    word = uc == 1
+    return int(np.count_nonzero(uc == 2)) + int(word[0]) + int(np.count_nonzero(word[1:] & ~word[:-1]))
 
 
 def _letter_counts(text: str) -> tuple[int, int, int]:
@@ -153,8 +169,9 @@ def _language(text: str, letters: int, cjk: int, latin: int) -> str:
         kana = int(counts[_KANA])
         return "ja" if kana >= KANA_MIN_FRAC * (cjk - hangul) else "zh"
     if latin >= other:
-        words = _LETTER_RE.findall(text.lower())  # whole words, so "Höhe" is not read as "h" + "he"
-        hits = sum(1 for w in words if w in EN_STOPWORDS)
+        # whole words, so "Höhe" is not read as "h" + "he"; the first 5,000 characters tell the language well enough
+        words = _LETTER_RE.findall(text[:5000].lower())
+        hits = sum(map(EN_STOPWORDS.__contains__, words))
         return "en" if words and hits >= EN_MIN_STOPWORD_FRAC * len(words) else "latin"
     return "other"
 
@@ -284,7 +301,8 @@ class Filters:
             return "too_short"
         if n > cfg.max_chars:
             return "too_long"
-        us = units(text)
+        # The unit list costs a regex pass: build it only for the checks that need the units themselves.
+        us = units(text) if self._block_units or self._top or self._dup else None
         if self._blocked(text, us):
             return "blocklist"
         letters, cjk, latin = _letter_counts(text)
@@ -292,7 +310,7 @@ class Filters:
             return "language"
         if letters and cjk + latin < cfg.min_script_frac * letters:
             return "script_mix"
-        if len(_SYMBOL_RE.findall(text)) > cfg.max_symbol_frac * max(len(us), 1):
+        if _may_have_symbol(text) and len(_SYMBOL_RE.findall(text)) > cfg.max_symbol_frac * max(_unit_count(text), 1):
             return "symbols"
         visible = n - text.count(" ") - text.count("\n") - text.count("\t")
         counts = _class_counts(text)
@@ -302,11 +320,11 @@ class Filters:
             return "punctuation"
         if self._repetitive_lines(text):
             return "repetitive_lines"
-        if self._repetitive_ngrams(us, n):
+        if us is not None and self._repetitive_ngrams(us, n):
             return "repetitive_ngrams"
         return None
 
-    def _blocked(self, text: str, us: list[str]) -> bool:
+    def _blocked(self, text: str, us: list[str] | None) -> bool:
         if self._block_units and not self._block_units.isdisjoint(us):
             return True
         if self._block_words is not None and self._block_words.search(text):
