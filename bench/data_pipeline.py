@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not py.is_file():
         sys.exit(f"no datatrove interpreter at {py}: see bench-datatrove-env in {__file__}, or set DATATROVE_PYTHON")
 
-    from benchlib import fmt_share, foreign_share, machine_facts, wait_for_quiet
+    from benchlib import fmt_share, foreign_share, machine_facts, update_readme, wait_for_quiet
 
     machine = machine_facts()
     t_total = time.perf_counter()
@@ -379,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     args.out.with_suffix(".md").write_text("# Data pipeline: gptforge clean vs datatrove\n\n" + md + "\n")
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}")
+    markers = ("<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->")
+    if not args.quick and update_readme(ROOT / "README.md", md, *markers):
+        print("updated the table in README.md")
     return res
 
 
