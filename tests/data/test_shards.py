@@ -153,3 +153,14 @@ def test_text_field_change_rebuilds(tmp_path, tok):
     a = build_token_shards(src, tok, tmp_path / "t", val_fraction=0.2)
     b = build_token_shards(src, tok, tmp_path / "t", val_fraction=0.2, text_field="title")
     assert b["train_tokens"] + b["val_tokens"] < (a["train_tokens"] + a["val_tokens"]) / 10
+
+
+def test_relative_input_path(tmp_path, monkeypatch):
+    """`gptforge pretrain --input runs/x/clean/data` from the repository root: a relative path must work."""
+    from gptforge.data.shards import input_fingerprint
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert input_fingerprint("data") == input_fingerprint(tmp_path / "data")
+    assert [d.source for d in read_documents("data")] == ["a.jsonl:1"]

@@ -39,7 +39,7 @@ def split_of(source: str, seed: int, val_fraction: float) -> str:
 
 def input_fingerprint(path: str | Path) -> str:
     """Hash of every input file's relative name and content: the cache key of the shards."""
-    root = Path(path)
+    root = Path(path).absolute()  # list_files gives absolute paths, whatever the working directory
     h = hashlib.sha256()
     for f in list_files(root):
         h.update(str(f.relative_to(root if root.is_dir() else root.parent)).encode())
