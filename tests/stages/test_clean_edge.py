@@ -5,7 +5,6 @@ one big compressed file (memory), and how often the dedup step reads each shard'
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import random
 import shutil
@@ -20,6 +19,7 @@ import pytest
 from gptforge.data import clean_io, pipeline
 from gptforge.data.sources import discover
 from gptforge.stages import clean
+from tests.stages.test_clean import _digest
 
 _R = random.Random(0)
 WORDS = ["".join(_R.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_R.randint(3, 9))) for _ in range(400)]
@@ -44,15 +44,6 @@ def _cfg(run: Path, inputs: list[Path], **kw) -> clean.Config:
     base["shard_mb"] = 0.004
     base.update(kw)
     return clean.Config.model_validate(base)
-
-
-def _digest(out: Path) -> dict[str, str]:
-    res = {}
-    for sub in ("data", "rejects", "quarantine"):
-        for p in sorted((out / sub).rglob("*")):
-            if p.is_file():
-                res[p.relative_to(out).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return res
 
 
 def _kept_texts(out: Path) -> list[str]:
