@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge.data.dedup import exact_key, unit_hashes_batch, window_hashes
 from gptforge.data.sources import FileRejected, InputConfig, Quarantined, Record, discover, iter_file
+from gptforge.data.text import UNIT_RE
 
 _BATCH_CHARS = 1 << 20  # characters hashed per batch: bounds temporary memory while indexing big evaluation sets
 
@@ -93,7 +94,8 @@ class Decontaminator:
         batch: list[str] = []
         chars = 0
         for eval_id, text in pairs:
-            self._exact.setdefault(exact_key(text), len(self.eval_ids))
+            if UNIT_RE.search(text):  # an empty (or all-punctuation) evaluation text must not match empty documents
+                self._exact.setdefault(exact_key(text), len(self.eval_ids))
             self.eval_ids.append(str(eval_id))
             batch.append(text)
             chars += len(text)

@@ -61,6 +61,9 @@ _PARA_TAGS = frozenset(
 )
 _LINE_TAGS = frozenset("div li tr br dt dd figcaption caption summary title form".split())
 _CELL_TAGS = frozenset({"td", "th"})
+# What may stand inside <head>; any other start tag (or text outside <title>) ends an unclosed head, as in HTML5's
+# parser ("<head><title>t</title><p>text" has its paragraph in the body).
+_HEAD_CONTENT = frozenset("title meta link base style script noscript template".split())
 
 
 class NormalizeConfig(BaseModel):
@@ -208,7 +211,11 @@ class _TextExtractor(HTMLParser):
         self.drop = drop
         self.skipping: list[str] = []  # open dropped elements; text is kept only while this is empty
         self.pre = 0
+        self.title = 0
         self.parts: list[str] = []
+
+    def _leave_head(self) -> None:
+        self.skipping = [t for t in self.skipping if t != "head"]
 
     def _break(self, n: int) -> None:
         # Trim the spaces before the break, and never emit more than n newlines in a row.
@@ -222,8 +229,11 @@ class _TextExtractor(HTMLParser):
             self.parts.append("\n" * (n - have))
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
-        if tag == "body" and "head" in self.skipping:  # an unclosed <head> ends where <body> starts
-            self.skipping = [t for t in self.skipping if t != "head"]
+        if self.skipping and self.skipping[-1] == "head":
+            if tag == "title":
+                self.title += 1
+            elif tag not in _HEAD_CONTENT:  # an unclosed <head> ends where <body> or body content starts
+                self._leave_head()
         if tag in self.drop:
             self.skipping.append(tag)
         elif self.skipping:
@@ -244,6 +254,8 @@ class _TextExtractor(HTMLParser):
             self._break(2 if tag in _PARA_TAGS else 1)
 
     def handle_endtag(self, tag: str) -> None:
+        if tag == "title" and self.title:
+            self.title -= 1
         if tag in self.skipping:
             del self.skipping[len(self.skipping) - 1 - self.skipping[::-1].index(tag) :]
         elif not self.skipping and (tag in _PARA_TAGS or tag in _LINE_TAGS):
@@ -252,6 +264,8 @@ class _TextExtractor(HTMLParser):
                 self.pre -= 1
 
     def handle_data(self, data: str) -> None:
+        if self.skipping == ["head"] and not self.title and not data.isspace():
+            self._leave_head()  # text in <head> outside <title> starts the body
         if self.skipping or not data:
             return
         if not self.pre:  # outside <pre>, HTML shows any run of whitespace as one space
@@ -291,9 +305,9 @@ _CN_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)  # ISO 70
 _CARD_RE = re.compile(r"(?<![A-Za-z0-9+.-])[2-6](?:[ -]?\d){12,18}(?![0-9])")
 _CARD_PREFIX_RE = re.compile(r"4|5[1-5]|6|3[4-8]|2[2-7]")
 _PHONE_RE = re.compile(
-    r"(?<![A-Za-z0-9+])(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)"  # CN mobile, optional +86
+    r"(?<![A-Za-z0-9+])(?:\((?:\+|00)86\) ?|(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)"  # CN mobile, +86
     r"|(?<![A-Za-z0-9+])\+[1-9]\d{0,2}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}(?!\d)"  # +CC ...
-    r"|(?<![A-Za-z0-9(-])(?:\(\d{3}\) ?|\d{3}-)\d{3}-\d{4}(?![\d-])"  # North American (555) 123-4567
+    r"|(?<![A-Za-z0-9(-])(?:1-)?(?:\(\d{3}\) ?|\d{3}-)\d{3}-\d{4}(?![\d-])"  # North American (555) 123-4567
     r"|(?<![A-Za-z0-9-])0\d{2,3}-\d{7,8}(?![\d-])"  # CN landline 010-12345678
 )
 
@@ -374,6 +388,9 @@ def normalize_whitespace(text: str) -> str:
 # ----------------------------------------------------------------------------------------------------- normalizer
 
 
+_EXTRACTED = "\0html-extracted"  # the format the steps after `html` see once html_to_text has run
+
+
 class Normalizer:
     """Callable that applies the enabled steps; returns the text and the names of the steps that changed it.
 
@@ -422,13 +439,15 @@ class Normalizer:
             steps.append(("whitespace", lambda t, fmt: normalize_whitespace(t)))
         self._steps = steps
 
+    def _is_html(self, text: str, fmt: str) -> bool:
+        return self.cfg.html == "always" or fmt == "html" or looks_like_html(text)
+
     def _html(self, text: str, fmt: str) -> str:
-        if self.cfg.html == "always" or fmt == "html" or looks_like_html(text):
-            return html_to_text(text)
-        return text
+        return html_to_text(text) if self._is_html(text, fmt) else text
 
     def _ftfy(self, text: str, fmt: str) -> str:
-        text = unescape_entities(text)
+        if fmt != _EXTRACTED:  # text out of html_to_text has its entities resolved already
+            text = unescape_entities(text)
         if self._ftfy_trigger.search(text) is None:
             return text
         # ftfy judges a line as a whole: an ANSI escape, a control character or a no-break space next to mojibake
@@ -445,8 +464,14 @@ class Normalizer:
 
     def __call__(self, text: str, fmt: str = "txt") -> tuple[str, list[str]]:
         changed = []
+        step_fmt = fmt
         for name, step in self._steps:
-            out = step(text, fmt)
+            if name == "html" and self._is_html(text, fmt):
+                # html_to_text already resolved the entities: "&amp;lt;" is the visible text "&lt;", which the
+                # ftfy step must not unescape a second time (it would turn an HTML tutorial's "&lt;" into "<").
+                out, step_fmt = html_to_text(text), _EXTRACTED
+            else:
+                out = step(text, step_fmt)
             if out != text:
                 changed.append(name)
                 text = out
