@@ -18,7 +18,9 @@ Trade-offs:
   A later part of the file in another encoding shows up as quarantined "undecodable_bytes" lines, not as garbage.
 - UTF-8 wins when most non-ASCII lines of the head are valid UTF-8 (a few corrupt lines are quarantined one by one),
   or when no legacy codec is plausible and the failing lines are a small share of all lines.
-- BOM-less UTF-16/32 is not detected: its NUL bytes make it look binary.
+- BOM-less UTF-16/32 is not detected: its NUL bytes make it look binary (the skip reason names the likely codec,
+  for `encoding=`). A forced codec skips its own BOM (forced utf-16-le on a file starting FF FE).
+- zstd streams are checked for truncation at their end (zstandard's reader ends silently on a cut frame).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import io
+import os
 import re
 import zlib
 from collections.abc import Iterator, Sequence
@@ -153,7 +156,12 @@ def binary_reason(head: bytes, forced: str | None = None) -> str | None:
     nul = sample.count(0) / len(sample)
     ctrl = (len(sample) - len(sample.translate(None, _CONTROL_BYTES))) / len(sample)
     if nul > _MAX_NUL_SHARE or ctrl > _MAX_CONTROL_SHARE:
-        return f"{nul:.0%} NUL and {ctrl:.0%} control bytes in the first {len(sample)} bytes"
+        why = f"{nul:.0%} NUL and {ctrl:.0%} control bytes in the first {len(sample)} bytes"
+        even, odd = sample[0::2].count(0), sample[1::2].count(0)
+        if nul > 0.2 and min(even, odd) <= 0.02 * (even + odd):  # NULs in every other byte: ASCII-ish UTF-16
+            order = "le" if odd > even else "be"
+            why += f"; looks like UTF-16-{order.upper()} without a byte-order mark (set encoding='utf-16-{order}')"
+        return why
     return None
 
 
@@ -240,6 +248,8 @@ def detect_encoding(
         if name in ("utf-8", "utf-8-sig"):  # decoded as plain UTF-8 after the BOM, so lines stay splittable
             n = bom[2] if bom is not None and bom[0] == "utf-8" else 0
             return Detection("utf-8", "utf-8-sig" if n else "utf-8", n, f"forced {name}")
+        if bom is not None and canonical(bom[0]) == name:  # forced utf-16-le on a file with its BOM: skip the mark
+            return Detection(name, name, bom[2], f"forced {name}")
         return Detection(name, name, 0, f"forced {name}")
     if bom is not None:
         return Detection(bom[0], bom[1], bom[2], "byte-order mark")
@@ -278,36 +288,52 @@ def detect_encoding(
 
 
 class Undecodable:
-    """A line whose bytes do not decode with the file's codec, kept so that only this line is quarantined."""
+    """A line that cannot become text, kept so that only this line is quarantined: its bytes do not decode with the
+    file's codec (`err`), or it is longer than the line cap (`err` None, `size` its length; `raw` its first bytes)."""
 
-    __slots__ = ("raw", "err")
+    __slots__ = ("raw", "err", "size")
 
-    def __init__(self, raw: bytes, err: UnicodeDecodeError):
-        self.raw, self.err = raw, err
+    def __init__(self, raw: bytes, err: UnicodeDecodeError | None, size: int = 0):
+        self.raw, self.err, self.size = raw, err, size
+
+    @property
+    def reason(self) -> str:
+        return "undecodable_bytes" if self.err is not None else "too_large"
 
     def describe(self, label: str) -> str:
         e = self.err
+        if e is None:
+            return f"line of {self.size} bytes is longer than max_file_mb ({self.size / 2**20:.1f} MB); not read"
         return f"{label}: {e.reason} (byte 0x{self.raw[e.start]:02x}) at column {e.start + 1}"
 
 
-def decode_lines(stream: BinaryIO, codec: str, limit: int | None = None) -> Iterator[str | Undecodable]:
+def decode_lines(
+    stream: BinaryIO, codec: str, limit: int | None = None, max_line: int | None = None
+) -> Iterator[str | Undecodable]:
     """Lines of a binary stream (each with its "\\n"), decoded one by one; the line that crosses `limit` bytes is the
-    last. Line-safe codecs split on b"\\n" bytes, so a bad line is one Undecodable item; UTF-16/32 are decoded as a
-    stream and a bad spot raises OSError (the rest of the stream cannot be re-synchronised reliably)."""
+    last. Line-safe codecs split on b"\\n" bytes, so a bad line is one Undecodable item, and a line longer than
+    `max_line` bytes is skipped in chunks (never held in memory) and reported as one Undecodable with err None;
+    UTF-16/32 are decoded as a stream and a bad spot raises OSError (the rest cannot be re-synchronised reliably)."""
     if not line_safe(codec):
         try:
             yield from io.TextIOWrapper(stream, encoding=codec, errors="strict", newline="\n")  # type: ignore[arg-type]
         except UnicodeDecodeError as e:
             raise OSError(f"undecodable {codec} data ({e.reason})") from None
         return
-    pos = 0
-    for raw in stream:
-        try:
-            yield raw.decode(codec)
-        except UnicodeDecodeError as e:
-            yield Undecodable(raw, e)
+    pos, cap = 0, -1 if max_line is None else max_line + 1
+    while raw := stream.readline(cap):
+        n = len(raw)
+        if n == cap and not raw.endswith(b"\n"):  # over the cap: skip to the end of the line, 1 MB at a time
+            while (chunk := stream.readline(1 << 20)) and (n := n + len(chunk)) and not chunk.endswith(b"\n"):
+                pass
+            yield Undecodable(raw[:800], None, n)
+        else:
+            try:
+                yield raw.decode(codec)
+            except UnicodeDecodeError as e:
+                yield Undecodable(raw, e)
         if limit is not None:
-            pos += len(raw)
+            pos += n
             if pos >= limit:
                 return
 
@@ -330,8 +356,60 @@ def open_stream(path: Path, compression: str | None) -> BinaryIO:
             raise ImportError(f"{path}: reading .zst files needs zstandard: pip install zstandard") from None
         # read_across_frames: files written by `zstd` in several frames (or concatenated) must be read to the end.
         reader = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
-        return io.BufferedReader(reader)  # type: ignore[arg-type]
+        return io.BufferedReader(_ZstdChecked(reader, path))
     return open(path, "rb")
+
+
+class _ZstdChecked(io.RawIOBase):
+    """zstandard's reader ends quietly (no error, no data of the cut frame) on a truncated file; at its end we walk
+    the frame and block headers (cheap: seeks, no decoding) and raise EOFError when the last frame is incomplete."""
+
+    def __init__(self, reader, path: Path):
+        self._reader, self._path, self._checked = reader, path, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = self._reader.readinto(b)
+        if not n and not self._checked:
+            if why := zstd_truncation(self._path):
+                raise EOFError(f"truncated zstd file: {why}")
+            self._checked = True  # the header walk is cheap, but once per stream is enough
+        return n
+
+    def close(self) -> None:
+        self._reader.close()
+        super().close()
+
+
+def zstd_truncation(path: Path) -> str | None:
+    """Why the zstd frames of `path` do not end exactly at its end (a cut download), or None when they do."""
+    with open(path, "rb") as fh:
+        size, pos = os.fstat(fh.fileno()).st_size, 0
+        while pos < size:
+            fh.seek(pos)
+            head = fh.read(8)
+            magic = int.from_bytes(head[:4], "little")
+            if len(head) == 8 and magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame: magic, 4-byte size, data
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if len(head) < 5 or magic != 0xFD2FB528:
+                return f"no zstd frame at byte {pos}" if len(head) >= 5 else f"frame header cut at byte {pos}"
+            fhd = head[4]  # frame header descriptor: sizes of window, dictionary id, content size; checksum flag
+            single = fhd >> 5 & 1
+            pos += 5 + (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+            while True:  # blocks: 3-byte header (last flag, type, size); an RLE block holds one byte
+                fh.seek(pos)
+                bh = fh.read(3)
+                if len(bh) < 3:
+                    return f"block header cut at byte {pos} of {size}"
+                v = int.from_bytes(bh, "little")
+                pos += 3 + (1 if (v >> 1 & 3) == 1 else v >> 3)
+                if v & 1:
+                    break
+            pos += 4 * (fhd >> 2 & 1)
+        return f"last frame needs {pos} bytes, file has {size}" if pos > size else None
 
 
 def stream_errors(compression: str | None) -> tuple[type[BaseException], ...]:

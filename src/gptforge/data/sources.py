@@ -8,7 +8,8 @@ workers read in parallel with absolute line numbers.
 Trade-offs:
 - Line-based formats (jsonl, csv/tsv, txt/md by line or paragraph) stream: memory stays flat however big the file.
   Whole-file formats (json, html, txt/md as one document, and anything compressed when read whole) are read up to
-  `max_file_mb`; above that they are quarantined "too_large" instead of exhausting memory.
+  `max_file_mb`; above that they are quarantined "too_large" instead of exhausting memory. Compressed line-based
+  files stream like plain ones; a single line longer than `max_file_mb` is skipped unread and quarantined "too_large".
 - Lines are split as bytes on b"\\n" and decoded one by one, so one corrupt line costs one record, not the file.
   UTF-16/32 files cannot be split as bytes; they are decoded as a stream, and a corrupt spot ends the file there.
 - Only uncompressed jsonl and txt/md with txt_unit="line" are splittable: a csv quoted field may span lines, a
@@ -90,7 +91,7 @@ class InputConfig(BaseModel):
     encoding: str = Field("auto", description="'auto' to detect per file, or a Python codec forced for every file")
     legacy_encodings: list[str] = Field(["gb18030", "big5"], description="tried, if plausible, when not UTF-8")
     txt_unit: Literal["file", "paragraph", "line"] = Field("file", description="what one document is in .txt/.md")
-    max_file_mb: float = Field(1024, gt=0, description="cap for whole-file formats and compressed files (too_large)")
+    max_file_mb: float = Field(1024, gt=0, description="cap for whole-file reads and for one line (too_large)")
 
     @field_validator("encoding", "legacy_encodings")
     @classmethod
@@ -226,7 +227,8 @@ def _detect(head: bytes, complete: bool, cfg: InputConfig) -> Detection:
 def _iter(f: InputFile, cfg: InputConfig, start: int, end: int | None, first_line: int) -> Iterator:
     max_bytes = int(cfg.max_file_mb * 2**20)
     whole = f.fmt in ("json", "html") or (f.fmt in ("txt", "md") and cfg.txt_unit == "file")
-    if f.fmt is not None and f.size > max_bytes and (whole or f.compression):
+    # Compressed line-based files stream like plain ones; only whole-file reads (and compressed parquet) are capped.
+    if f.fmt is not None and f.size > max_bytes and (whole or (f.compression and f.fmt == "parquet")):
         raise FileRejected("quarantined", "too_large", f"{f.size / 2**20:.1f} MB > max_file_mb={cfg.max_file_mb}")
     if f.fmt is not None and f.size == 0:
         raise FileRejected("skipped", "empty", "0 bytes")
@@ -252,7 +254,7 @@ def _iter(f: InputFile, cfg: InputConfig, start: int, end: int | None, first_lin
     if whole:
         yield from _whole_file(f, cfg, det, data)
         return
-    lines = _lines(f, det, start, end)
+    lines = _lines(f, det, start, end, max_bytes)
     if f.fmt == "jsonl":
         yield from _jsonl(f, cfg, det, lines, first_line)
     elif f.fmt in ("csv", "tsv"):
@@ -263,17 +265,17 @@ def _iter(f: InputFile, cfg: InputConfig, start: int, end: int | None, first_lin
         yield from _paragraphs(f, det, lines, first_line)
 
 
-def _lines(f: InputFile, det: Detection, start: int, end: int | None) -> Iterator[str | Undecodable]:
+def _lines(f: InputFile, det: Detection, start: int, end: int | None, max_line: int) -> Iterator[str | Undecodable]:
     assert det.codec is not None
     with enc.open_stream(f.path, f.compression) as fh:
         skip = start or len(fh.read(det.bom))  # the BOM counts against the first piece's byte budget
         if start:
             fh.seek(start)
-        yield from enc.decode_lines(fh, det.codec, None if end is None else end - skip)
+        yield from enc.decode_lines(fh, det.codec, None if end is None else end - skip, max_line)
 
 
 def _bad_bytes(src: str, line: int, bad: Undecodable, label: str) -> Quarantined:
-    return Quarantined(src, line, "undecodable_bytes", bad.describe(label), preview(bad.raw, label))
+    return Quarantined(src, line, bad.reason, bad.describe(label), preview(bad.raw, label))
 
 
 def _record(f: InputFile, det: Detection, line: int, text: str, rid: object = None) -> Record:
@@ -321,6 +323,8 @@ def _jsonl(f: InputFile, cfg: InputConfig, det: Detection, lines, first_line: in
         if type(line) is Undecodable:
             yield _bad_bytes(f.rel, lineno, line, det.label)
             continue
+        if line.startswith("\ufeff"):  # files joined with `cat` keep each one's BOM at the start of a line
+            line = line[1:]
         if not line or line.isspace():
             continue
         try:
@@ -368,12 +372,12 @@ def _paragraphs(f: InputFile, det: Detection, lines, first_line: int) -> Iterato
 
 
 def _csv(f: InputFile, cfg: InputConfig, det: Detection, lines, first_line: int) -> Iterator[Record | Quarantined]:
-    bad_lines: set[int] = set()
+    bad_lines: dict[int, Undecodable] = {}
 
     def feed() -> Iterator[str]:
         for lineno, line in enumerate(lines, first_line):
             if type(line) is Undecodable:  # keep the bytes as surrogates so the csv parser stays in step; flagged below
-                bad_lines.add(lineno)
+                bad_lines[lineno] = line
                 line = line.raw.decode(det.codec or "utf-8", "surrogateescape")
             yield line
 
@@ -386,7 +390,7 @@ def _csv(f: InputFile, cfg: InputConfig, det: Detection, lines, first_line: int)
         raise OSError(f"csv parser: {e} (after line {first_line + reader.line_num - 1})") from None
 
 
-def _csv_rows(f: InputFile, cfg: InputConfig, det: Detection, reader, first_line: int, bad_lines: set[int]):
+def _csv_rows(f: InputFile, cfg: InputConfig, det: Detection, reader, first_line: int, bad_lines: dict):
     header = next((row for row in reader if row), None)
     if header is None:
         return
@@ -400,9 +404,10 @@ def _csv_rows(f: InputFile, cfg: InputConfig, det: Detection, reader, first_line
         if not row:
             continue
         raw = ("\t" if f.fmt == "tsv" else ",").join(row)
-        if bad_lines and any(n in bad_lines for n in range(lineno, first_line + done)):
-            detail = f"{det.label}: bytes that do not decode in lines {lineno}-{first_line + done - 1}"
-            yield Quarantined(f.rel, lineno, "undecodable_bytes", detail, preview(raw))
+        if bad_lines and (bad := [bad_lines[n] for n in range(lineno, first_line + done) if n in bad_lines]):
+            what = "bytes that do not decode" if bad[0].err else "a line over max_file_mb"
+            detail = f"{det.label}: {what} in lines {lineno}-{first_line + done - 1}"
+            yield Quarantined(f.rel, lineno, bad[0].reason, detail, preview(raw))
         elif col >= len(row):
             detail = f"row has {len(row)} fields, column {cfg.text_field!r} is field {col + 1}"
             yield Quarantined(f.rel, lineno, "missing_text_field", detail, preview(raw))
