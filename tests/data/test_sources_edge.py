@@ -6,24 +6,13 @@ import gzip
 import json
 import random
 import tracemalloc
-from pathlib import Path
 
 import pytest
 import zstandard
 
 from gptforge.data import encodings as enc
 from gptforge.data.sources import FileRejected, InputConfig, Quarantined, Record, discover, iter_file, split_points
-
-
-def read(path: Path, cfg: InputConfig | None = None, **kw) -> list[Record | Quarantined]:
-    (f,) = discover([str(path)])
-    return list(iter_file(f, cfg or InputConfig(), **kw))
-
-
-def rejected(path: Path, cfg: InputConfig | None = None) -> FileRejected:
-    with pytest.raises(FileRejected) as e:
-        read(path, cfg)
-    return e.value
+from tests.data.test_sources import read, rejected
 
 
 def jsonl(n: int, start: int = 0) -> bytes:

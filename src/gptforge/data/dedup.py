@@ -245,14 +245,18 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+def line_hash(line: str) -> int:
+    """Stable 64-bit hash of a stripped line (the same in every process, unlike hash())."""
+    return int.from_bytes(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
 def line_hashes(text: str, min_chars: int) -> np.ndarray:
     """Sorted distinct uint64 hashes of the stripped lines of `text` that are at least `min_chars` characters long.
 
     Counted over a corpus, a line hash that appears in many documents marks boilerplate (menus, footers, notices).
     """
     lines = {s for s in (line.strip() for line in text.splitlines()) if len(s) >= min_chars}
-    digests = b"".join(hashlib.blake2b(s.encode("utf-8", "surrogatepass"), digest_size=8).digest() for s in lines)
-    return np.sort(np.frombuffer(digests, "<u8").astype(U64))
+    return np.sort(np.fromiter((line_hash(s) for s in lines), U64, len(lines)))
 
 
 # -- MinHash ------------------------------------------------------------------------------------------------------

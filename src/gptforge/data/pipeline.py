@@ -21,7 +21,6 @@ the ids of the documents that duplicates point at.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -43,6 +42,7 @@ from gptforge.data.dedup import (
     MinHasher,
     exact_duplicate_reps,
     exact_key,
+    line_hash,
     lsh_bands,
     near_duplicate_clusters,
 )
@@ -148,11 +148,6 @@ def part(i: int) -> str:
 
 def length_bin(n: int) -> int:
     return int(np.searchsorted(LENGTH_BINS, n, side="right")) - 1
-
-
-def line_hash(line: str) -> int:
-    """Stable 64-bit hash of a stripped line (the same in every process, unlike hash())."""
-    return int.from_bytes(hashlib.blake2b(line.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
 
 
 def _tools(settings_json: str) -> tuple:
