@@ -87,10 +87,11 @@ def rope_cache(config: GPTConfig, device: torch.device | None = None) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, n, T, D) by position; cos/sin are (T, D/2). Uses the half-split (Llama/HF) layout,
-    so Hugging Face Llama and Qwen2 weights map in without permuting q/k rows."""
+    """Rotate x (B, n, T, D) by position; cos/sin are (T, D/2), or (B, T, D/2) when every row has its own positions
+    (packed sequences). Uses the half-split (Llama/HF) layout, so Hugging Face Llama and Qwen2 weights map in without
+    permuting q/k rows."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[None, None], sin[None, None]
+    cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.type_as(x)
 
@@ -130,7 +131,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(h * d, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        mask: torch.Tensor | None = None,
+    ):
+        """mask (B, 1, T, T) bool, True = may attend: replaces the causal mask for packed sequences."""
         B, T, C = x.shape
         h, k, d = self.config.n_head, self.config.kv_heads, self.config.head_dim
         q = self.c_q(x).view(B, T, h, d).transpose(1, 2)  # (B, H, T, D)
@@ -144,7 +152,9 @@ class CausalSelfAttention(nn.Module):
             kk, v = cache.update(self.layer_idx, kk, v)  # (B, K, S, D) with S = start + T
         gqa = k != h
         dropout = self.config.dropout if self.training else 0.0
-        if start == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        elif start == 0:
             y = F.scaled_dot_product_attention(q, kk, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         else:
             # Decoding after a prefix: query i sits at absolute position start+i and may see keys 0..start+i.
@@ -182,8 +192,8 @@ class Block(nn.Module):
         self.ln_2 = build_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope, cache, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -221,31 +231,52 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) token ids -> final normalized hidden states (B, T, C), the input of the LM head and of task
+        heads. segment_ids (B, T) marks packed sequences: a token attends only within its segment, and positions
+        restart at each segment, so a packed row computes exactly what its sequences would compute alone."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        mask = pos = None
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]  # (B, 1, T, T)
+            t = torch.arange(T, device=idx.device).expand(B, T)
+            is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+            is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            pos = t - torch.where(is_start, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos if pos is not None else torch.arange(start, start + T, device=idx.device))
+        elif pos is not None:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (B, T, D/2) each
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.drop(x)
+        for block in self.h:
+            x = block(x, rope, cache, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.ln_f(x)
+
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         ignore_index: int = -100,
+        segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy."""
-        B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.wte(idx)  # (B, T, C)
-        rope = None
-        if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
-        else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
-        x = self.drop(x)
-        for block in self.h:
-            x = block(x, rope, cache)
-        if cache is not None:
-            cache.pos += T
-        x = self.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, V)
+        """idx (B, T) token ids -> logits (B, T, V) and, given targets (B, T), the mean cross-entropy over targets
+        that are not `ignore_index` (fine-tuning masks prompts and padding that way)."""
+        logits = self.lm_head(self.hidden_states(idx, cache, segment_ids))  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -89,14 +89,15 @@ class Trainer:
         save: Callable[[LoopState, bool], None] | None = None,
         log: Callable[[dict[str, Any]], None] | None = None,
         monitor: str = "val_loss",
+        higher_is_better: bool = False,
         state: LoopState | None = None,
         progress: bool = True,
     ) -> None:
         self.model, self.opt, self.cfg, self.rt = model, optimizer, cfg, runtime
         self.next_batch, self.loss_fn, self.tokens_per_batch = next_batch, loss_fn, tokens_per_batch
         self.evaluate, self.save, self.log = evaluate, save, log or (lambda r: None)
-        self.monitor = monitor
-        self.state = state or LoopState()
+        self.monitor, self.higher_is_better = monitor, higher_is_better
+        self.state = state or LoopState(best_val=-math.inf if higher_is_better else math.inf)
         self.progress = progress and runtime.is_main
         self.stop_reason = ""
         self.last_eval: dict[str, float] = {}
@@ -156,8 +157,13 @@ class Trainer:
         st, cfg = self.state, self.cfg
         metrics = self.evaluate(st)
         self.last_eval = metrics
+        if self.monitor not in metrics:
+            raise ValueError(f"cannot monitor '{self.monitor}': the evaluation reports {', '.join(sorted(metrics))}")
         value = metrics[self.monitor]
-        improved = value < st.best_val - cfg.early_stop_min_delta
+        if self.higher_is_better:  # accuracy, F1: bigger is better
+            improved = value > st.best_val + cfg.early_stop_min_delta
+        else:
+            improved = value < st.best_val - cfg.early_stop_min_delta
         if improved:
             st.best_val, st.evals_since_best = value, 0
         else:
