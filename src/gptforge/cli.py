@@ -14,8 +14,11 @@ from gptforge import __version__
 
 STAGES = {
     "clean": "gptforge.stages.clean",
+    "augment": "gptforge.stages.augment",
     "tokenizer": "gptforge.stages.tokenizer",
     "pretrain": "gptforge.stages.pretrain",
+    "finetune": "gptforge.stages.finetune",
+    "evaluate": "gptforge.stages.evaluate",
     "generate": "gptforge.stages.generate",
     "demo": "gptforge.demo",
 }
@@ -26,8 +29,11 @@ usage: gptforge <stage> [--config FILE.yaml] [--key=value | --section.key=value 
 
 stages:
   clean       read, normalize, filter, deduplicate and decontaminate messy text; writes a data report
+  augment     add label-preserving augmented copies of training texts (synonyms, swaps, noise; zh + en)
   tokenizer   train a byte-level BPE tokenizer on a folder of text
   pretrain    tokenize the text into shards and train a GPT (resumable: --resume)
+  finetune    chat SFT, classification or continued pretraining; LoRA, cross-validation, hyperparameter search
+  evaluate    perplexity/bits per byte, classification metrics and confusion matrix, chat replies
   generate    sample from a checkpoint: --ckpt DIR --prompt TEXT
   demo        the whole default pipeline on the bundled sample corpus
 

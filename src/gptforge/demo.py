@@ -1,7 +1,9 @@
 """`gptforge demo`: the default pipeline on the bundled sample corpus, in a few minutes on a 2-core CPU.
 
 clean (the sample includes messy copies: GBK, Big5, ANSI codes, HTML, duplicates, boilerplate) -> tokenizer ->
-pretrain (a ~5M-parameter model) -> generate samples from Chinese and English prompts. It orchestrates
+pretrain (a ~5M-parameter model) -> generate samples from Chinese and English prompts -> fine-tune a classifier
+(which collection a poem or passage comes from) and a chat model (title and author in, poem out) -> evaluate both on
+test splits they never saw, printing the metrics table and chat replies. It orchestrates
 the stages the way a user would call them one by one; each stage still writes only its own folder of the run
 directory. The same settings are in `configs/demo/default.yaml`.
 """
@@ -13,11 +15,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gptforge import SAMPLE
+from gptforge import SAMPLE, sample_data_dir
 from gptforge.artifacts import save_config, stage_dir
 from gptforge.model.gpt import GPTConfig
 from gptforge.runtime import Runtime
-from gptforge.stages import clean, generate, pretrain, tokenizer
+from gptforge.stages import clean, evaluate, finetune, generate, pretrain, tokenizer
 from gptforge.train.trainer import TrainConfig
 
 DEMO_MODEL = GPTConfig(block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, dropout=0.1)
@@ -55,6 +57,10 @@ class Config(BaseModel):
     temperature: float = Field(0.8, ge=0)
     top_k: int = Field(40, ge=0)
     resume: bool = Field(False, description="Resume pretraining from this run's newest checkpoint (else start over).")
+    finetune: bool = Field(True, description="Fine-tune and evaluate the classifier and chat tasks after pretraining.")
+    classify_epochs: float = Field(4.0, gt=0, description="Epochs of the collection classifier.")
+    chat_epochs: float = Field(8.0, gt=0, description="Epochs of chat fine-tuning.")
+    finetune_lr: float = Field(1e-3, gt=0, description="Peak learning rate of both fine-tuning runs.")
 
 
 def banner(text: str) -> None:
@@ -64,13 +70,13 @@ def banner(text: str) -> None:
 def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
     save_config(cfg, stage_dir(cfg.run_dir, "demo"))
-    banner("1/4 clean: decode, normalize, filter and deduplicate the raw text")
+    banner("1/7 clean: decode, normalize, filter and deduplicate the raw text")
     clean_stats = clean.run(clean.Config(run_dir=cfg.run_dir, input=[cfg.input], overwrite=not cfg.resume), None)
     text = str(Path(cfg.run_dir) / "clean" / "data")
-    banner("2/4 tokenizer: byte-level BPE trained on the cleaned corpus")
+    banner("2/7 tokenizer: byte-level BPE trained on the cleaned corpus")
     tok_cfg = tokenizer.Config(run_dir=cfg.run_dir, input=text, vocab_size=cfg.vocab_size, overwrite=not cfg.resume)
     tok_stats = tokenizer.run(tok_cfg, runtime)
-    banner("3/4 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
+    banner("3/7 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
     pre_cfg = pretrain.Config(
         run_dir=cfg.run_dir,
         input=text,
@@ -83,7 +89,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         overwrite=not cfg.resume,  # running the demo again starts it over
     )
     summary = pretrain.run(pre_cfg, runtime)
-    banner("4/4 generate: samples from the best checkpoint (KV cache)")
+    banner("4/7 generate: samples from the best checkpoint (KV cache)")
     gen_cfg = generate.Config(
         ckpt=str(Path(cfg.run_dir) / "pretrain" / "checkpoints"),
         prompt=cfg.prompts,
@@ -94,6 +100,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         out_dir=str(Path(cfg.run_dir) / "generate"),
     )
     samples = generate.run(gen_cfg, runtime)
+    tuned = _finetune(cfg, runtime) if cfg.finetune else {}
     val = summary["val"]
     banner("demo finished")
     r = clean_stats["records"]
@@ -117,5 +124,52 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     print(f"checkpoint     {summary['best_checkpoint']}")
     print(f"loss curve     {Path(cfg.run_dir) / 'pretrain' / 'loss.png'}")
     print(f"samples        {Path(cfg.run_dir) / 'generate' / 'samples.jsonl'}")
+    if tuned:
+        m = tuned["classify_test"]["metrics"]
+        print(
+            f"classifier     test accuracy {m['accuracy']:.3f}  macro F1 {m['f1_macro']:.3f}  "
+            f"({m['n']} texts, {len(m['labels'])} collections); {Path(cfg.run_dir) / 'evaluate' / 'classify'}"
+        )
+        c = tuned["chat_test"]["metrics"]
+        print(f"chat           test loss {c['loss']:.3f}  ppl {c['ppl']:.1f} on assistant tokens; "
+              f"replies in {Path(cfg.run_dir) / 'evaluate' / 'chat' / 'samples.jsonl'}")
     print(f"total time     {time.perf_counter() - t0:.0f} s")
-    return {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples}
+    return {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples, **tuned}
+
+
+def _finetune(cfg: Config, runtime: Runtime) -> dict:
+    from gptforge.data.demo_tasks import build_demo_tasks
+
+    # The tasks come from the bundled sample's structure (collections, titles, sonnet numbers) whatever the input.
+    files = build_demo_tasks(sample_data_dir(), stage_dir(cfg.run_dir, "demo") / "tasks")
+    common = dict(run_dir=cfg.run_dir, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, overwrite=True)
+    out = {}
+    banner("5/7 finetune classify: which collection does a poem or passage come from?")
+    ft = finetune.Config(
+        task="classify",
+        train_file=str(files["classify_train"]),
+        epochs=cfg.classify_epochs,
+        class_weights="balanced",
+        train=finetune.FINETUNE_TRAIN.model_copy(update={"lr": cfg.finetune_lr}),
+        **common,
+    )
+    out["classify"] = finetune.run(ft, runtime)
+    banner("6/7 finetune chat: title and author in, poem out (loss on the answer only, packed)")
+    ft = finetune.Config(
+        task="chat",
+        train_file=str(files["chat_train"]),
+        epochs=cfg.chat_epochs,
+        train=finetune.FINETUNE_TRAIN.model_copy(update={"lr": cfg.finetune_lr}),
+        **common,
+    )
+    out["chat"] = finetune.run(ft, runtime)
+    banner("7/7 evaluate on the test splits the fine-tuning never saw")
+    ckpts = Path(cfg.run_dir) / "finetune"
+    ev = dict(run_dir=cfg.run_dir, device=cfg.device)
+    out["classify_test"] = evaluate.run(
+        evaluate.Config(ckpt=str(ckpts / "classify"), data=str(files["classify_test"]), **ev), runtime
+    )
+    out["chat_test"] = evaluate.run(
+        evaluate.Config(ckpt=str(ckpts / "chat"), data=str(files["chat_test"]), samples=4, **ev), runtime
+    )
+    return out

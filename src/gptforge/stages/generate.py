@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge.artifacts import save_config, write_json
 from gptforge.runtime import Runtime
-from gptforge.train.checkpoint import load_for_inference
+from gptforge.train.models import load_for_inference
 
 
 class Config(BaseModel):
@@ -72,6 +72,8 @@ def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dic
 
 def run(cfg: Config, runtime: Runtime) -> dict:
     model, tok, meta = load_for_inference(cfg.ckpt, runtime.device)
+    if meta.get("task") == "classify":
+        raise ValueError(f"{meta['checkpoint']} is a classifier; use `gptforge evaluate` for it")
     samples = [generate_text(model, tok, p, cfg, runtime) for p in cfg.prompt]
     for s in samples:
         print(f"--- prompt: {s['prompt']!r}  ({s['new_tokens']} tokens, {s['tokens_per_s']} tok/s)")

@@ -6,7 +6,11 @@ what makes a corpus-trained vocabulary far more efficient on Chinese than GPT-2'
 
 Special tokens are reserved ids that plain text can never produce: `tokenizers` would otherwise match the literal
 string "<|eos|>" inside user text and emit the special id, which lets a user forge control tokens (nanochat's
-tokenizer test). `Tokenizer.encode` breaks every such literal into two ordinary pieces before encoding.
+tokenizer test). `Tokenizer.encode` breaks every such literal into two ordinary pieces before encoding. The guard
+covers every *special* added token of the tokenizer, not only gptforge's: a Hugging Face tokenizer wrapped with
+`Tokenizer.with_specials` also has GPT-2's "<|endoftext|>" or Qwen's "<|im_start|>" guarded. Trade-off: a piece
+boundary inside a literal can change how the text around it is tokenized (and a tokenizer whose normalizer prepends
+a space to each input, like Llama-2's, then adds one there); ordinary text is tokenized exactly as `tokenizers` does.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -54,7 +58,30 @@ class Tokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks the reserved special tokens {missing}; train it with gptforge")
         self.special_ids = {t: vocab[t] for t in SPECIAL_TOKENS}
-        self._special_re = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+        # Every special added token is a control token user text must not produce: gptforge's, and the tokenizer's
+        # own when it comes from elsewhere (GPT-2's <|endoftext|>, Qwen's <|im_start|>, Llama-3's reserved ones).
+        added = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special and t.content}
+        # Longest first, so where two literals start at one place the longer is the one broken.
+        literals = sorted(set(added) | set(SPECIAL_TOKENS), key=lambda t: (-len(t), t))
+        short = [t for t in literals if len(t) < 2]
+        if short:
+            raise ValueError(f"special tokens {short} are one character long: text could not be kept from forming them")
+        self.control_ids = frozenset(added.values()) | frozenset(self.special_ids.values())
+        self._special_re = re.compile("|".join(re.escape(t) for t in literals))
+
+    @classmethod
+    def with_specials(cls, hf: HFTokenizer, path: Path | None = None) -> Tokenizer:
+        """Wrap any `tokenizers` tokenizer (e.g. a Hugging Face model's tokenizer.json), appending gptforge's
+        reserved special tokens it lacks as special tokens with new ids after the existing ones. Ordinary text keeps
+        its ids, so a pretrained model still understands it. `hf` itself is not modified; `path` is kept only when
+        nothing was added (otherwise the result is no longer that file, and `sha256` tells the two apart)."""
+        vocab = hf.get_vocab(with_added_tokens=True)
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            hf = HFTokenizer.from_str(hf.to_str())
+            hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+            path = None
+        return cls(hf, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -102,10 +129,12 @@ class Tokenizer:
             pieces += [text[last : m.start() + 1], text[m.start() + 1 : m.end()]]
             last = m.end()
         pieces.append(text[last:])
-        return [p for p in pieces if p]
+        # Only the tail of a match can still hold a literal (one overlapping it, e.g. '<|a|>' and '|a|>'); every
+        # piece is shorter than text, so the recursion ends.
+        return [q for p in pieces if p for q in (self._safe_pieces(p) if self._special_re.search(p) else [p])]
 
     def encode(self, text: str) -> list[int]:
-        """Plain text -> ids. Never yields a special-token id, whatever the text contains."""
+        """Plain text -> ids. Never yields a special-token id (`control_ids`), whatever the text contains."""
         pieces = self._safe_pieces(text)
         if len(pieces) == 1:
             return self.hf.encode(pieces[0], add_special_tokens=False).ids

@@ -190,22 +190,3 @@ def diff_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> 
         if saved.get(k) != current.get(k):
             out.append(f"{prefix}{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}")
     return out
-
-
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
-    """(model in eval mode, tokenizer, meta) from a checkpoint folder or a folder holding checkpoints."""
-    from gptforge.model.gpt import GPT, GPTConfig
-    from gptforge.tokenizer.bpe import Tokenizer
-
-    ckpt = resolve(path)
-    verify(ckpt)
-    meta = read_meta(ckpt)
-    model = GPT(GPTConfig(**meta["model"]))
-    load_weights(ckpt, model)
-    tok_file = ckpt / "tokenizer.json"
-    if not tok_file.is_file():
-        raise CheckpointError(f"checkpoint {ckpt} has no tokenizer.json")
-    tok = Tokenizer.load(tok_file)
-    if tok.sha256() != meta.get("tokenizer_sha256"):
-        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json does not match the tokenizer it was trained with")
-    return model.to(device).eval(), tok, meta
