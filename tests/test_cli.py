@@ -117,11 +117,16 @@ def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
         "--train.max_steps=6",
         "--train.eval_every=3",
         "--max_new_tokens=8",
+        "--model.block_size=128",  # the chat task's poems must fit the context
+        "--classify_epochs=0.1",
+        "--chat_epochs=0.2",
     )
     assert rc == 0, err
     assert "chars/token" in out and "demo finished" in out and out.count("--- prompt") == 4
     assert (tmp_path / "demo" / "pretrain" / "loss.png").is_file()
     assert (tmp_path / "demo" / "generate" / "samples.jsonl").is_file()
+    assert "macro F1" in out and (tmp_path / "demo" / "evaluate" / "classify" / "confusion.png").is_file()
+    assert (tmp_path / "demo" / "evaluate" / "chat" / "samples.jsonl").read_text().count("reply") == 4
 
 
 def test_cli_edge_cases(capsys, trained_run):

@@ -131,8 +131,10 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             f"({m['n']} texts, {len(m['labels'])} collections); {Path(cfg.run_dir) / 'evaluate' / 'classify'}"
         )
         c = tuned["chat_test"]["metrics"]
-        print(f"chat           test loss {c['loss']:.3f}  ppl {c['ppl']:.1f} on assistant tokens; "
-              f"replies in {Path(cfg.run_dir) / 'evaluate' / 'chat' / 'samples.jsonl'}")
+        print(
+            f"chat           test loss {c['loss']:.3f}  ppl {c['ppl']:.1f} on assistant tokens; "
+            f"replies in {Path(cfg.run_dir) / 'evaluate' / 'chat' / 'samples.jsonl'}"
+        )
     print(f"total time     {time.perf_counter() - t0:.0f} s")
     return {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples, **tuned}
 

@@ -96,11 +96,7 @@ def build_demo_tasks(sample: Path, out: Path) -> dict[str, Path]:
     paths = {}
     for name, records, key in (("classify", classify, "text"), ("chat", chat, None)):
         for part in ("train", "test"):
-            rows = [
-                r
-                for r in records
-                if _is_test(r[key] if key else r["messages"][1]["content"]) == (part == "test")
-            ]
+            rows = [r for r in records if _is_test(r[key] if key else r["messages"][1]["content"]) == (part == "test")]
             path = out / f"{name}_{part}.jsonl"
             atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             paths[f"{name}_{part}"] = path

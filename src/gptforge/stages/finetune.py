@@ -78,7 +78,9 @@ class Config(BaseModel):
     run_dir: str = Field("runs/default", description="Run directory; outputs go to <run_dir>/finetune/<name>/.")
     name: str = Field("", description="Output folder name under <run_dir>/finetune/; empty = the task name.")
     task: Literal["chat", "classify", "lm"] = Field("classify", description="chat, classify or lm.")
-    init: str = Field("", description="Start model: gptforge run/checkpoint folder or HF folder; empty = run's pretrain.")
+    init: str = Field(
+        "", description="Start model: gptforge run/checkpoint folder or HF folder; empty = run's pretrain."
+    )
     tokenizer: str = Field("", description="tokenizer.json to use instead of the init model's.")
     train_file: str = Field(..., description="Training data (JSONL; lm also takes text folders).")
     val_file: str = Field("", description="Validation data; empty = hold out val_fraction of train_file.")
@@ -366,8 +368,10 @@ def run_search(cfg: Config, base, prep, out: Path, runtime: Runtime) -> dict:
 
     space = {k: getattr(cfg.search, k) for k in SEARCH_KEYS if getattr(cfg.search, k)}
     if not space:
-        raise ValueError("search needs at least one list: search.lr, search.micro_batch_size, search.epochs, "
-                         "search.lora_rank (e.g. --search.lr=[1e-4,3e-4])")
+        raise ValueError(
+            "search needs at least one list: search.lr, search.micro_batch_size, search.epochs, "
+            "search.lora_rank (e.g. --search.lr=[1e-4,3e-4])"
+        )
     combos = grid(space) if cfg.search.method == "grid" else random_trials(space, cfg.search.trials, cfg.search.seed)
     monitor, higher = monitor_of(cfg)
     rows = []

@@ -45,7 +45,9 @@ def load_base(init: str | Path, tokenizer: str | Path = "", block_size: int = 0)
 
     p = Path(init)
     if not p.exists():
-        raise FileNotFoundError(f"init model not found: {p} (a gptforge run/checkpoint folder or a Hugging Face folder)")
+        raise FileNotFoundError(
+            f"init model not found: {p} (a gptforge run/checkpoint folder or a Hugging Face folder)"
+        )
     if hf_import.is_hf_folder(p):
         model, info = hf_import.load_hf_model(p, block_size=block_size or None)
         tok = Tokenizer.load(tokenizer) if tokenizer else hf_import.load_hf_tokenizer(p)
@@ -72,7 +74,9 @@ def load_base(init: str | Path, tokenizer: str | Path = "", block_size: int = 0)
         )
     if block_size:
         if block_size > model.config.block_size and model.config.pos == "learned":
-            raise ValueError(f"block_size {block_size} exceeds the model's learned positions ({model.config.block_size})")
+            raise ValueError(
+                f"block_size {block_size} exceeds the model's learned positions ({model.config.block_size})"
+            )
         _set_block_size(model, block_size)
     return Base(model, tok, {"kind": "gptforge", "path": str(ckpt), "step": meta.get("step")})
 

@@ -81,7 +81,9 @@ def read_classify(path: str, cfg, tok: Tokenizer, block_size: int, labels, repor
     seqs, kept, trep = encode_texts(tok, texts, sources, block_size, too_long)
     rep["tokenize"] = trep
     report[name] = rep
-    return [Example(texts[i], ys[i], sources[i], seq) for i, seq in zip(kept, seqs)], labels
+    examples = [Example(texts[i], ys[i], sources[i], seq) for i, seq in zip(kept, seqs)]
+    _require_items(examples, rep, path, "labelled examples")
+    return examples, labels
 
 
 def read_chat(path: str, cfg, tok: Tokenizer, block_size: int, report: dict, name: str, messages: dict):
@@ -90,6 +92,7 @@ def read_chat(path: str, cfg, tok: Tokenizer, block_size: int, report: dict, nam
     too_long = "skip" if cfg.too_long == "auto" else cfg.too_long
     samples, rep = load_chat(path, tok, block_size, cfg.bad_records, too_long, cfg.messages_field)
     report[name] = rep
+    _require_items(samples, rep, path, f"conversations within the {block_size}-token context")
     wanted = {s.source for s in samples}
     for line, rec in read_jsonl(path):
         src = f"{path}:{line}"
@@ -126,6 +129,16 @@ def prepare(cfg, tok: Tokenizer, block_size: int) -> Prepared:
     if cfg.val_file:
         prep.val_items, prep.val_doc_bytes = read_lm(cfg.val_file, cfg, tok, report, "val")
     return prep
+
+
+def _require_items(items: list, report: dict, path: str, what: str) -> None:
+    """Everything skipped is an error that says why, not an empty training run."""
+    if items:
+        return
+    skipped = report.get("skipped") or {}
+    trunc = (report.get("tokenize") or {}).get("skipped") or {}
+    reasons = ", ".join(f"{k}: {v}" for k, v in {**skipped, **trunc}.items()) or "the file holds no records"
+    raise DataError(f"{path}: no usable {what} ({report.get('read', 0)} read; skipped {reasons})")
 
 
 def split_labels(prep: Prepared) -> list[int] | None:
@@ -214,7 +227,9 @@ def class_weights(cfg, split: Split, names: list[str]) -> torch.Tensor | None:
     unknown = sorted(set(weights) - set(names))
     missing = [n for n in names if n not in weights]
     if unknown or missing:
-        raise ValueError(f"class_weights: unknown labels {unknown}, labels without a weight {missing} (labels: {names})")
+        raise ValueError(
+            f"class_weights: unknown labels {unknown}, labels without a weight {missing} (labels: {names})"
+        )
     return torch.tensor([weights[n] for n in names], dtype=torch.float32)
 
 
