@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.data.readers import DataError
+from gptforge.data.sampler import IndexSampler
 from gptforge.data.sft import (
-    IndexSampler,
     LabelMap,
     Sample,
     collate_classify,
     encode_texts,
     load_chat,
     load_labeled,
-    load_lm_windows,
     pack,
     read_jsonl,
     split_train_val,
@@ -334,21 +333,6 @@ def test_collate_classify():
 
 
 # --- continued pretraining ---------------------------------------------------------------------------------------
-
-
-def test_load_lm_windows(tmp_path, tok):
-    docs = ["To be, or not to be.", "床前明月光", "Hello! How are you today?"]
-    p = write_lines(tmp_path / "d.jsonl", [{"body": d} for d in docs])
-    stream = [t for d in docs for t in (tok.bos_id, *tok.encode(d), tok.eos_id)]
-    w = load_lm_windows(p, tok, block_size=7, text_field="body")
-    n = len(stream) // 8
-    assert w.shape == (n, 8) and w.dtype == np.int64
-    assert w.reshape(-1).tolist() == stream[: n * 8]
-    with pytest.raises(DataError, match=rf"{len(stream)} tokens in 3 documents.*block_size \+ 1 = 1000"):
-        load_lm_windows(p, tok, block_size=999, text_field="body")
-
-
-# --- sampler and split -------------------------------------------------------------------------------------------
 
 
 def test_sampler_deterministic_and_covers_each_epoch():

@@ -1,4 +1,4 @@
-"""A resumable random sampler of training windows.
+"""Resumable random samplers: of token windows (pretraining) and of dataset indices (fine-tuning).
 
 Order is a pure function of (seed, epoch): each epoch is a fresh permutation of all windows. The whole state is two
 integers (epoch, cursor), saved in every checkpoint, so a resumed run continues with exactly the batch it would have
@@ -65,3 +65,56 @@ class WindowSampler:
                 f"this run has seed={self.seed} global micro-batch={self.global_batch}"
             )
         self.state = SamplerState(int(sd["epoch"]), int(sd["cursor"]))
+
+
+_SAMPLER_KEYS = ("seed", "global_batch", "n")  # what must match for a saved position to mean the same batches
+
+
+class IndexSampler:
+    """Resumable shuffled batches of indices into a dataset of n rows; see the module docstring. Each epoch is a
+    fresh permutation; the epoch tail shorter than one global batch is skipped, never split across epochs."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"bad sampler shape: batch_size={batch_size} rank={rank} world_size={world_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if n < self.global_batch:
+            raise DataError(
+                f"only {n} training examples, fewer than one global micro-batch of {self.global_batch} "
+                f"({batch_size} x {world_size} ranks); lower train.micro_batch_size or add data"
+            )
+        self._epoch, self.cursor = 0, 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> float:
+        """Completed epochs, fractional (for logging): 1.5 = halfway through the second pass."""
+        usable = self.n // self.global_batch * self.global_batch
+        return self._epoch + self.cursor / usable
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's batch_size indices of the next global batch."""
+        if self.cursor + self.global_batch > self.n:
+            self._epoch, self.cursor = self._epoch + 1, 0
+        start = self.cursor + self.rank * self.batch_size
+        idx = self._permutation(self._epoch)[start : start + self.batch_size]
+        self.cursor += self.global_batch
+        return idx.copy()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "cursor": self.cursor, **{k: getattr(self, k) for k in _SAMPLER_KEYS}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in _SAMPLER_KEYS:
+            ours, theirs = getattr(self, key), sd.get(key)
+            if theirs != ours:
+                raise ValueError(f"data sampler mismatch: checkpoint has {key}={theirs}, this run has {key}={ours}")
+        self._epoch, self.cursor = int(sd["epoch"]), int(sd["cursor"])

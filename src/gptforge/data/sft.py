@@ -1,5 +1,5 @@
-"""Fine-tuning data: chat conversations, labeled texts and plain text for continued pretraining, plus packing, a
-resumable index sampler and a (stratified) train/validation split.
+"""Fine-tuning data: chat conversations and labeled texts, plus packing and a (stratified) train/validation split.
+(Continued-pretraining text is read by `data.readers`; the resumable index sampler is in `data.sampler`.)
 
 Every loader reads JSONL (`read_jsonl`, UTF-8 with optional BOM, blank lines ignored) and applies two explicit
 policies instead of guessing:
@@ -12,9 +12,6 @@ Packing (`pack`) puts several chat samples in one row of `block_size` tokens wit
 model's `segment_ids` attention makes a packed row compute exactly what its samples would compute alone, so packing
 changes speed, never the loss (a test checks the summed loss). First-fit-decreasing keeps rows full (typically > 90%
 for short chats) at O(n log n) cost with a segment tree; its order is fully deterministic.
-
-The sampler mirrors `gptforge.data.sampler.WindowSampler`: order is a pure function of (seed, epoch) and the state is
-two integers, so a resumed run draws exactly the batches an uninterrupted one would have drawn.
 """
 
 from __future__ import annotations
@@ -31,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from gptforge.data.readers import DataError, read_documents
+from gptforge.data.readers import DataError
 from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.tokenizer.chat import ChatFormatError, render_chat, validate_messages
 
@@ -415,89 +412,7 @@ def collate_classify(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.
     return out, lengths
 
 
-# --- continued pretraining --------------------------------------------------------------------------------------
-
-
-def load_lm_windows(path: str | Path, tok: Tokenizer, block_size: int, text_field: str = "text") -> np.ndarray:
-    """Documents -> [bos] + ids + [eos] each, concatenated and cut into non-overlapping windows (N, block_size + 1)
-    int64 (inputs = w[:, :-1], targets = w[:, 1:]). The tail shorter than one window is not used."""
-    stream, n_docs, batch = [], 0, []
-
-    def flush() -> None:
-        for ids in tok.encode_batch(batch):
-            stream.append(np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.int64))
-        batch.clear()
-
-    for doc in read_documents(path, text_field):
-        n_docs += 1
-        batch.append(doc.text)
-        if len(batch) >= 256:  # bounded memory for the Rust batch encoder
-            flush()
-    flush()
-    total = sum(len(a) for a in stream)
-    n = total // (block_size + 1)
-    if n == 0:
-        raise DataError(
-            f"{path}: {total} tokens in {n_docs} documents, fewer than one window of block_size + 1 = "
-            f"{block_size + 1} tokens; lower block_size or add text"
-        )
-    return np.concatenate(stream)[: n * (block_size + 1)].reshape(n, block_size + 1)
-
-
 # --- sampling and splitting -------------------------------------------------------------------------------------
-
-
-_SAMPLER_KEYS = ("seed", "global_batch", "n")  # what must match for a saved position to mean the same batches
-
-
-class IndexSampler:
-    """Resumable shuffled batches of indices into a dataset of n rows; see the module docstring. Each epoch is a
-    fresh permutation; the epoch tail shorter than one global batch is skipped, never split across epochs."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"bad sampler shape: batch_size={batch_size} rank={rank} world_size={world_size}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_batch = batch_size * world_size
-        if n < self.global_batch:
-            raise DataError(
-                f"only {n} training examples, fewer than one global micro-batch of {self.global_batch} "
-                f"({batch_size} x {world_size} ranks); lower train.micro_batch_size or add data"
-            )
-        self._epoch, self.cursor = 0, 0
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
-
-    @property
-    def epoch(self) -> float:
-        """Completed epochs, fractional (for logging): 1.5 = halfway through the second pass."""
-        usable = self.n // self.global_batch * self.global_batch
-        return self._epoch + self.cursor / usable
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def next_indices(self) -> np.ndarray:
-        """This rank's batch_size indices of the next global batch."""
-        if self.cursor + self.global_batch > self.n:
-            self._epoch, self.cursor = self._epoch + 1, 0
-        start = self.cursor + self.rank * self.batch_size
-        idx = self._permutation(self._epoch)[start : start + self.batch_size]
-        self.cursor += self.global_batch
-        return idx.copy()
-
-    def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "cursor": self.cursor, **{k: getattr(self, k) for k in _SAMPLER_KEYS}}
-
-    def load_state_dict(self, sd: dict) -> None:
-        for key in _SAMPLER_KEYS:
-            ours, theirs = getattr(self, key), sd.get(key)
-            if theirs != ours:
-                raise ValueError(f"data sampler mismatch: checkpoint has {key}={theirs}, this run has {key}={ours}")
-        self._epoch, self.cursor = int(sd["epoch"]), int(sd["cursor"])
 
 
 def split_train_val(

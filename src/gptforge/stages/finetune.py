@@ -149,7 +149,7 @@ def _data_identity(cfg: Config, runtime: Runtime) -> dict:
 
 def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: Runtime, final: bool = True) -> dict:
     """One fine-tuning run on one split: train with early stopping, reload the best checkpoint, evaluate it."""
-    from gptforge.data.sft import IndexSampler
+    from gptforge.data.sampler import IndexSampler
 
     tok = base.tokenizer
     block = base.model.config.block_size

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -28,18 +29,28 @@ class Config(BaseModel):
     top_k: int = Field(50, ge=0, description="Keep the k most likely tokens; 0 disables.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 disables.")
     seed: int = Field(1337, description="Sampling seed: same seed, same text.")
-    stop_at_eos: bool = Field(True, description="Stop a sample at the end-of-text token.")
+    stop_at_eos: bool = Field(True, description="Stop a sample at the end-of-text (or end-of-turn) token.")
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Wrap each prompt as a chat user turn; auto = when the checkpoint is a chat model.",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or mps.")
     dtype: str = Field("float32", description="Inference dtype: float32 or bfloat16 autocast.")
     out_dir: str = Field("", description="Folder for samples.jsonl and config.yaml; empty = print only.")
 
 
-def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dict:
+def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime, chat: bool = False) -> dict:
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"prompt {prompt!r} is not valid UTF-8 text") from None
-    ids = [tok.bos_id] + tok.encode(prompt)
+    stops = {tok.eos_id}
+    if chat:
+        from gptforge.tokenizer.chat import chat_prompt_ids, stop_ids
+
+        ids, stops = chat_prompt_ids(tok, [{"role": "user", "content": prompt}]), stop_ids(tok)
+    else:
+        ids = [tok.bos_id] + tok.encode(prompt)
     room = model.config.block_size - len(ids)
     if room <= 0:
         raise ValueError(f"prompt is {len(ids)} tokens, the model's context is {model.config.block_size}")
@@ -55,13 +66,14 @@ def generate_text(model, tok, prompt: str, cfg: Config, runtime: Runtime) -> dic
             cfg.top_k or None,
             cfg.top_p,
             generator=gen,
-            stop_ids={tok.eos_id} if cfg.stop_at_eos else None,
+            stop_ids=stops if cfg.stop_at_eos else None,
             vocab_limit=tok.vocab_size,
         )
     dt = time.perf_counter() - t0
     new = y[0, len(ids) :].tolist()
-    if cfg.stop_at_eos and tok.eos_id in new:
-        new = new[: new.index(tok.eos_id)]
+    if cfg.stop_at_eos:
+        cut = [i for i, t in enumerate(new) if t in stops]
+        new = new[: cut[0]] if cut else new
     return {
         "prompt": prompt,
         "completion": tok.decode(new, skip_special=True),
@@ -74,7 +86,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     model, tok, meta = load_for_inference(cfg.ckpt, runtime.device)
     if meta.get("task") == "classify":
         raise ValueError(f"{meta['checkpoint']} is a classifier; use `gptforge evaluate` for it")
-    samples = [generate_text(model, tok, p, cfg, runtime) for p in cfg.prompt]
+    chat = cfg.chat == "on" or (cfg.chat == "auto" and meta.get("task") == "chat")
+    samples = [generate_text(model, tok, p, cfg, runtime, chat) for p in cfg.prompt]
     for s in samples:
         print(f"--- prompt: {s['prompt']!r}  ({s['new_tokens']} tokens, {s['tokens_per_s']} tok/s)")
         print(s["prompt"] + s["completion"])
