@@ -136,7 +136,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | Exception]]:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 yield n, BadRecord("invalid_json", f"invalid JSON: {e.msg} at column {e.colno}")
                 continue

@@ -87,7 +87,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         result["metrics"] = lm_metrics(nll, n, prefix="")
         prep = tasks.Prepared("chat", samples, None, messages=messages)
         replies = tasks.chat_samples(model, tok, prep, samples, cfg.samples, runtime, cfg.seed)
-        (out / "samples.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in replies))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in replies)
+        (out / "samples.jsonl").write_text(text, encoding="utf-8")
         table = _scalar_table(result["metrics"])
         print(table)
         for r in replies:

@@ -233,7 +233,15 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
     def save(state: LoopState, is_best: bool) -> None:
         sd = {**trainer.state_dict(), "sampler": sampler.state_dict()}
         path = ckpt_lib.save(
-            ckpt_dir, state.step, model, sd, meta_base, rng_state(), runtime, out / "tokenizer.json", tc.keep_last
+            ckpt_dir,
+            state.step,
+            model,
+            sd,
+            meta_base,
+            rng_state(),
+            runtime,
+            out_dir(cfg) / "tokenizer.json",
+            tc.keep_last,
         )
         if is_best and runtime.is_main:
             ckpt_lib.mark_best(ckpt_dir, path, {"step": state.step, monitor: state.best_val})

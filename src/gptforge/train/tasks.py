@@ -63,6 +63,8 @@ def read_classify(path: str, cfg, tok: Tokenizer, block_size: int, labels, repor
     from gptforge.data.sft import LabelMap, encode_texts, load_labeled
 
     texts, raw, sources, rep = load_labeled(path, cfg.text_field, cfg.label_field, cfg.bad_records)
+    if cfg.bad_records == "skip":
+        texts, raw, sources = _drop_odd_label_types(texts, raw, sources, rep, labels)
     if labels is None:
         labels = LabelMap.fit(raw, sources)
     ys, keep = [], []
@@ -73,9 +75,7 @@ def read_classify(path: str, cfg, tok: Tokenizer, block_size: int, labels, repor
         except DataError:
             if cfg.bad_records == "error":
                 raise
-            rep.setdefault("skipped", {})
-            rep["skipped"]["unseen_label"] = rep["skipped"].get("unseen_label", 0) + 1
-            rep.setdefault("examples", {}).setdefault("unseen_label", []).append(s)
+            _count_skip(rep, "unseen_label", s)
     texts, sources = [texts[i] for i in keep], [sources[i] for i in keep]
     too_long = "truncate" if cfg.too_long == "auto" else cfg.too_long
     seqs, kept, trep = encode_texts(tok, texts, sources, block_size, too_long)
@@ -84,6 +84,32 @@ def read_classify(path: str, cfg, tok: Tokenizer, block_size: int, labels, repor
     examples = [Example(texts[i], ys[i], sources[i], seq) for i, seq in zip(kept, seqs)]
     _require_items(examples, rep, path, "labelled examples")
     return examples, labels
+
+
+def _count_skip(rep: dict, reason: str, source: str) -> None:
+    rep.setdefault("skipped", {})
+    rep["skipped"][reason] = rep["skipped"].get(reason, 0) + 1
+    rep["used"] = rep.get("used", 1) - 1
+    examples = rep.setdefault("examples", {}).setdefault(reason, [])
+    if len(examples) < 5:
+        examples.append(source)
+
+
+def _drop_odd_label_types(texts, raw, sources, rep: dict, labels):
+    """With bad_records=skip, labels of another type than the rest (a stray 1 among strings) are counted skips; the
+    type kept is the label map's (evaluation) or the most common one (training)."""
+    from gptforge.data.sft import _label_kind
+
+    kinds = [_label_kind(r) for r in raw]
+    if labels is not None:
+        keep_kind = labels.kind
+    else:
+        valid = [k for k in kinds if k in ("int", "str")]
+        keep_kind = max(set(valid), key=valid.count) if valid else None
+    keep = [i for i, k in enumerate(kinds) if k == keep_kind]
+    for i in sorted(set(range(len(raw))) - set(keep)):
+        _count_skip(rep, "label_type_mismatch", sources[i])
+    return [texts[i] for i in keep], [raw[i] for i in keep], [sources[i] for i in keep]
 
 
 def read_chat(path: str, cfg, tok: Tokenizer, block_size: int, report: dict, name: str, messages: dict):
@@ -102,7 +128,10 @@ def read_chat(path: str, cfg, tok: Tokenizer, block_size: int, report: dict, nam
 
 
 def read_lm(path: str, cfg, tok: Tokenizer, report: dict, name: str) -> tuple[list[list[int]], list[int]]:
-    docs = [d.text for d in read_documents(path, cfg.text_field)]
+    from gptforge.data.readers import split_pieces
+
+    # Pieces of ~4,000 characters (pretraining's unit), so a single big file still splits into train/validation.
+    docs = [p.text for d in read_documents(path, cfg.text_field) for p in split_pieces(d, 4000)]
     if not docs:
         raise DataError(f"{path}: no text")
     ids = tok.encode_batch(docs)
