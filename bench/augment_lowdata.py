@@ -1,7 +1,7 @@
 """Does augmentation help when labels are scarce? A classifier fine-tuned on 5% of a training set, with and without
 augmented copies, at the same training budget, over several seeds.
 
-    python bench/augment_lowdata.py                          # defaults: 5 seeds, about 10-15 minutes on 2 cores
+    python bench/augment_lowdata.py                          # defaults: 5 seeds, ~8 min on 2 quiet cores (17 shared)
     python bench/augment_lowdata.py --init runs/demo/pretrain   # reuse a pretrained model, skip the setup
     python bench/augment_lowdata.py --seeds 2 --steps 20 --pretrain-steps 50 --out /tmp/aug.json   # quick look
 
