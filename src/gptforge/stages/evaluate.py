@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from gptforge.artifacts import append_ledger, save_config, write_json
 from gptforge.runtime import Runtime
@@ -25,7 +25,7 @@ from gptforge.train import tasks
 from gptforge.train.models import load_for_inference
 
 
-class Config(BaseModel):
+class Config(tasks.TaskDataFields):
     model_config = ConfigDict(extra="forbid")
 
     ckpt: str = Field(..., description="Checkpoint folder, or a stage folder holding checkpoints (best, else newest).")
@@ -33,13 +33,6 @@ class Config(BaseModel):
     run_dir: str = Field("runs/default", description="Outputs go to <run_dir>/evaluate/<name>/.")
     name: str = Field("", description="Output folder name; empty = the task name.")
     task: Literal["auto", "lm", "chat", "classify"] = Field("auto", description="auto = the checkpoint's task.")
-    text_field: str = Field("text", description="Field holding the text.")
-    label_field: str = Field("label", description="Field holding the label (classify).")
-    messages_field: str = Field("messages", description="Field holding the conversation (chat).")
-    bad_records: Literal["error", "skip"] = Field("error", description="Malformed record: stop, or skip and count.")
-    too_long: Literal["auto", "truncate", "skip", "error"] = Field(
-        "auto", description="Sample longer than the context; auto = truncate (classify) or skip (chat)."
-    )
     batch_size: int = Field(16, gt=0, description="Sequences per forward pass.")
     samples: int = Field(8, ge=0, description="Chat: conversations to generate replies for.")
     seed: int = Field(1337, description="Seed of generation.")

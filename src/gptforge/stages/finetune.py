@@ -72,7 +72,7 @@ class SearchConfig(BaseModel):
     lora_rank: list[int] = Field(default_factory=list, description="LoRA ranks to try (0 = full fine-tuning).")
 
 
-class Config(BaseModel):
+class Config(tasks.TaskDataFields):
     model_config = ConfigDict(extra="forbid")
 
     run_dir: str = Field("runs/default", description="Run directory; outputs go to <run_dir>/finetune/<name>/.")
@@ -85,13 +85,6 @@ class Config(BaseModel):
     train_file: str = Field(..., description="Training data (JSONL; lm also takes text folders).")
     val_file: str = Field("", description="Validation data; empty = hold out val_fraction of train_file.")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Held-out share when there is no val_file.")
-    text_field: str = Field("text", description="Field holding the text.")
-    label_field: str = Field("label", description="Field holding the label (classify).")
-    messages_field: str = Field("messages", description="Field holding the conversation (chat).")
-    bad_records: Literal["error", "skip"] = Field("error", description="Malformed record: stop, or skip and count.")
-    too_long: Literal["auto", "truncate", "skip", "error"] = Field(
-        "auto", description="Sample longer than the context; auto = truncate (classify) or skip (chat)."
-    )
     block_size: int = Field(0, ge=0, description="Context length for fine-tuning; 0 = the model's.")
     pack: bool = Field(True, description="Pack several conversations per row (chat), attention kept separate.")
     epochs: float = Field(3.0, ge=0, description="Passes over the training data; 0 = use train.max_steps.")

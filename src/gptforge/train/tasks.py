@@ -14,15 +14,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge.data.readers import DataError, read_documents
 from gptforge.runtime import Runtime
 from gptforge.tokenizer.bpe import Tokenizer
+
+
+class TaskDataFields(BaseModel):
+    """How task files are read: the keys shared by the finetune and evaluate configs (flat flags, one definition)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text_field: str = Field("text", description="Field holding the text.")
+    label_field: str = Field("label", description="Field holding the label (classify).")
+    messages_field: str = Field("messages", description="Field holding the conversation (chat).")
+    bad_records: Literal["error", "skip"] = Field("error", description="Malformed record: stop, or skip and count.")
+    too_long: Literal["auto", "truncate", "skip", "error"] = Field(
+        "auto", description="Sample longer than the context; auto = truncate (classify) or skip (chat)."
+    )
 
 
 @dataclass
