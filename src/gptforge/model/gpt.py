@@ -97,7 +97,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated key/value tensors for incremental decoding: (B, K, S, D) per layer; `pos` is the filled length."""
+    """Preallocated key/value tensors for incremental decoding: (B, K, S, D) per layer; `pos` is the filled length.
+
+    The model talks to a cache through four calls, so the serving engine can bring its own (per-row positions for
+    continuous batching) without the model knowing: prepare(T) -> (positions, mask, end) before the blocks,
+    update(layer, k, v) -> all keys/values in each attention layer, advance(T) after the blocks."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype) -> None:
         if max_len > config.block_size and config.pos == "learned":
@@ -108,6 +112,15 @@ class KVCache:
         self.pos = 0
         self.max_len = max_len
 
+    def prepare(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Positions (T,) of the next T tokens, the attention mask (None = plain causal), and the end position."""
+        start = self.pos
+        mask = None
+        if start > 0 and T > 1:
+            # Query i sits at absolute position start+i and may see keys 0..start+i.
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(diagonal=start)
+        return torch.arange(start, start + T, device=device), mask, start + T
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at the current position; return all cached keys/values up to it."""
         t = k.size(2)
@@ -116,6 +129,9 @@ class KVCache:
         self.k[layer][:, :, self.pos : self.pos + t] = k
         self.v[layer][:, :, self.pos : self.pos + t] = v
         return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
+
+    def advance(self, T: int) -> None:
+        self.pos += T
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,7 +154,7 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None,
         mask: torch.Tensor | None = None,
     ):
-        """mask (B, 1, T, T) bool, True = may attend: replaces the causal mask for packed sequences."""
+        """mask (B or 1, 1, T, S) bool, True = may attend: packed sequences, or a cache's own positions."""
         B, T, C = x.shape
         h, k, d = self.config.n_head, self.config.kv_heads, self.config.head_dim
         q = self.c_q(x).view(B, T, h, d).transpose(1, 2)  # (B, H, T, D)
@@ -146,21 +162,15 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, k, d).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, kk = apply_rope(q, *rope), apply_rope(kk, *rope)
-        start = 0
         if cache is not None:
-            start = cache.pos
-            kk, v = cache.update(self.layer_idx, kk, v)  # (B, K, S, D) with S = start + T
+            kk, v = cache.update(self.layer_idx, kk, v)  # (B, K, S, D): the cached prefix plus these T tokens
         gqa = k != h
         dropout = self.config.dropout if self.training else 0.0
         if mask is not None:
             y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, kk, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         else:
-            # Decoding after a prefix: query i sits at absolute position start+i and may see keys 0..start+i.
-            S = kk.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+            # No mask: either a fresh causal sequence (S == T) or one new token that may see the whole cache.
+            y = F.scaled_dot_product_attention(q, kk, v, is_causal=T > 1, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, h * d)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -238,32 +248,37 @@ class GPT(nn.Module):
         heads. segment_ids (B, T) marks packed sequences: a token attends only within its segment, and positions
         restart at each segment, so a packed row computes exactly what its sequences would compute alone."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         mask = pos = None
-        if segment_ids is not None:
-            if cache is not None:
+        if cache is not None:
+            if segment_ids is not None:
                 raise ValueError("segment_ids (packed sequences) cannot be combined with a KV cache")
+            pos, mask, end = cache.prepare(T, idx.device)  # pos (T,) or (B, T); mask None or (.., T, S)
+            if end > self.config.block_size:
+                raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
+        elif T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        elif segment_ids is not None:
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]  # (B, 1, T, T)
             t = torch.arange(T, device=idx.device).expand(B, T)
             is_start = torch.ones_like(segment_ids, dtype=torch.bool)
             is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
             pos = t - torch.where(is_start, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T)
+        if mask is not None and mask.dim() == 2:
+            mask = mask[None, None]  # (1, 1, T, S)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(pos if pos is not None else torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
         elif pos is not None:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (B, T, D/2) each
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, D/2) or (B, T, D/2) each
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
         x = self.drop(x)
         for block in self.h:
             x = block(x, rope, cache, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         return self.ln_f(x)
 
     def forward(

@@ -1,0 +1,90 @@
+"""Per-request sampling parameters and the batched sampler the engine runs once per step.
+
+Every row of a batch carries its own settings, so the sampler is vectorized over rows where the maths allows
+(penalties, temperature, top-k and top-p all become per-row tensors) and loops only for the final draw, because each
+seeded request owns a torch.Generator: a request's tokens then depend on its seed and its logits alone, never on
+which other requests happen to share its batch.
+
+Conventions follow the APIs users already know: repetition_penalty as in Hugging Face / CTRL (divide positive
+logits, multiply negative ones, over prompt and output tokens); presence and frequency penalties as in OpenAI (subtract
+per generated token). Greedy (temperature 0) is plain argmax, exactly what the reference `GPT.generate` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    # allow_inf_nan=False: NaN slips through ge/le checks otherwise, and inf makes no sense for any field here.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_tokens: int = Field(16, ge=1, description="New tokens at most.")
+    temperature: float = Field(1.0, ge=0.0, description="0 = greedy; higher = more random.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus: the smallest set of tokens with this mass.")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="> 1 discourages tokens already in prompt or output.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted once from generated tokens.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted per occurrence in the output.")
+    stop_token_ids: list[int] = Field(default_factory=list, description="Extra ids that end generation.")
+    seed: int | None = Field(None, description="Same seed, prompt and settings give the same tokens.")
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    seen: torch.Tensor,
+    repetition: torch.Tensor,
+    presence: torch.Tensor,
+    frequency: torch.Tensor,
+) -> torch.Tensor:
+    """logits (B, V) float; counts (B, V) generated-token counts; seen (B, V) bool, token in prompt or output;
+    repetition/presence/frequency (B, 1). Returns penalized logits (a new tensor)."""
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor):
+    """Temperature, top-k and top-p per row. logits (B, V); temperature (B, 1) > 0; top_k (B, 1) long, 0 = off;
+    top_p (B, 1). Returns probabilities (B, V)."""
+    V = logits.size(-1)
+    # Shift so the largest logit is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    rank = torch.arange(V, device=logits.device)[None]  # (1, V)
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
+    sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the top token always survives).
+    drop = (probs.cumsum(dim=-1) - probs) > top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return out.softmax(dim=-1)
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]):
+    """Pick one token per row. logits (B, V) float32, already penalized and vocab-limited. Returns a list of ints."""
+    B = logits.size(0)
+    out = [0] * B
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        ids = logits[greedy].argmax(dim=-1).tolist()
+        for i, t in zip(greedy, ids):
+            out[i] = t
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return out
+    dev = logits.device
+    temp = torch.tensor([[params[i].temperature] for i in sampled], device=dev, dtype=logits.dtype)
+    top_k = torch.tensor([[params[i].top_k] for i in sampled], device=dev)
+    top_p = torch.tensor([[params[i].top_p] for i in sampled], device=dev, dtype=logits.dtype)
+    probs = filter_logits(logits[sampled], temp, top_k, top_p)
+    for row, i in enumerate(sampled):
+        out[i] = int(torch.multinomial(probs[row], 1, generator=generators[i]).item())
+    return out
