@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench bench-data lint clean
+.PHONY: demo test test-slow bench bench-data bench-serve browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,14 +23,26 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/gptforge demo
 
-test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+# The web chat page's end-to-end test drives Debian's headless Chromium; it runs in CI, never skipped
+# (GPTFORGE_REQUIRE_BROWSER=1 turns a missing browser into a failure). Installed once, as root or through sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null )
+
+test: $(VENV)/.installed-dev browser
+	GPTFORGE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
 test-slow: $(VENV)/.installed-dev
+	$(PIP) install -q 'ray[serve]>=2.47'
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_throughput.py
+
+bench-serve: $(VENV)/.installed-dev
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/serve_load.py
 
 # The data pipeline benchmark runs datatrove from its own environment: it is never a dependency of gptforge.
 DT_VENV := .bench-venv/datatrove
