@@ -20,6 +20,8 @@ STAGES = {
     "finetune": "gptforge.stages.finetune",
     "evaluate": "gptforge.stages.evaluate",
     "generate": "gptforge.stages.generate",
+    "serve": "gptforge.stages.serve",
+    "chat": "gptforge.stages.chat",
     "demo": "gptforge.demo",
 }
 
@@ -35,6 +37,8 @@ stages:
   finetune    chat SFT, classification or continued pretraining; LoRA, cross-validation, hyperparameter search
   evaluate    perplexity/bits per byte, classification metrics and confusion matrix, chat replies
   generate    sample from a checkpoint: --ckpt DIR --prompt TEXT
+  serve       OpenAI-compatible HTTP server with continuous batching: --ckpt DIR [--replicas N]
+  chat        chat with a checkpoint (or a running server) in the terminal, streaming
   demo        the whole default pipeline on the bundled sample corpus
 
 Every key of a stage's config can be set from YAML or a flag; `gptforge <stage> --help` lists them.

@@ -115,7 +115,8 @@ class Engine:
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
         rid = request_id or uuid.uuid4().hex
-        req = _Request(rid, prompt, params, self.eos_ids | frozenset(params.stop_token_ids), gen)
+        stops = (frozenset() if params.ignore_eos else self.eos_ids) | frozenset(params.stop_token_ids)
+        req = _Request(rid, prompt, params, stops, gen)
         with self._lock:
             self._inbox.append(req)
         return rid

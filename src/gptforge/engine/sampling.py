@@ -29,6 +29,7 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted per occurrence in the output.")
     stop_token_ids: list[int] = Field(default_factory=list, description="Extra ids that end generation.")
     seed: int | None = Field(None, description="Same seed, prompt and settings give the same tokens.")
+    ignore_eos: bool = Field(False, description="Do not stop at the engine's end ids (fixed-length benchmarks).")
 
     @property
     def needs_penalties(self) -> bool:
