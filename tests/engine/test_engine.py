@@ -171,3 +171,38 @@ def test_top_k_and_top_p_keep_the_right_support():
     assert (probs[1] > 0).sum() == 2
     torch.testing.assert_close(probs.sum(-1), torch.ones(2))
     torch.testing.assert_close(probs[0, :3], torch.tensor([0.5, 0.3, 0.1]) / 0.9)
+
+
+def test_top_k_alone_takes_the_fast_path_with_the_same_result():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50)
+    temp, k = torch.full((4, 1), 0.7), torch.tensor([[0], [1], [5], [50]])
+    fast = filter_logits(logits, temp, k, None)
+    full = filter_logits(logits, temp, k, torch.ones(4, 1))  # top_p = 1 forces the sort path
+    torch.testing.assert_close(fast, full)
+    assert [(fast[i] > 0).sum().item() for i in range(4)] == [50, 1, 5, 50]
+
+
+def test_ignore_eos_generates_past_the_end_ids():
+    model = tiny_model()
+    prompt = [3, 9, 27, 5]
+    free = naive(model, prompt, 12)
+    eng = Engine(model, eos_ids=[free[2]])
+    assert eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0)) == [free[:2]]
+    assert eng.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) == [free]
+
+
+def test_sampling_follows_the_distribution_and_never_picks_zero_mass():
+    from gptforge.engine.sampling import sample_rows
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    logits = torch.log(probs).expand(4000, 5).clone()
+    params = [SamplingParams(temperature=1.0)] * 4000
+    picks = torch.tensor(sample_rows(logits, params, [None] * 4000))
+    freq = torch.bincount(picks, minlength=5) / 4000
+    assert freq[1] == 0 and freq[3] == 0
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)
+    seeded = [SamplingParams(temperature=1.0, seed=5)] * 3
+    gens = [torch.Generator().manual_seed(5) for _ in range(3)]
+    a = sample_rows(logits[:3], seeded, gens)
+    assert a == sample_rows(logits[:3], seeded, [torch.Generator().manual_seed(5) for _ in range(3)])

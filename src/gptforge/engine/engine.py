@@ -216,16 +216,16 @@ class Engine:
         # Running rows are contiguous (slot == index), so a prefix of them is the batch; requests just finished in
         # prefill are still in place but their rows are simply not read (they are released after this step).
         n = max(r.slot for r in reqs) + 1
-        idx = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-        positions = [0] * n
+        tokens, positions = [0] * n, [0] * n
         for r in self.running[:n]:
             if r.output:
-                idx[r.slot, 0] = r.output[-1]
-                positions[r.slot] = r.length - 1
+                tokens[r.slot], positions[r.slot] = r.output[-1], r.length - 1
+        idx = torch.tensor(tokens, device=self.device).view(n, 1)
         view = self.cache.decode(positions)
         logits = self.model(idx, cache=view)[0][:, -1]  # (n, V)
-        rows = torch.tensor([r.slot for r in reqs], device=self.device)
-        self._sample(reqs, logits[rows], finished)
+        if len(reqs) < n:
+            logits = logits[torch.tensor([r.slot for r in reqs], device=self.device)]
+        self._sample(reqs, logits, finished)
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor, finished: list) -> None:
         logits = logits.float()
