@@ -1,8 +1,10 @@
 """Serving under load: throughput and latency of `gptforge serve` at 1, 8, 32 and 64 concurrent clients.
 
-    python bench/serve_load.py                       # builds a small model if runs/demo/pretrain is missing; ~4 min
-    python bench/serve_load.py --ckpt runs/demo/pretrain --requests 64 --out /tmp/serve.json   # quick look
+    python bench/serve_load.py                # builds two small checkpoints, then ~6 min of load on 2 cores
+    python bench/serve_load.py --sizes demo-5M --requests 64 --out /tmp/serve.json   # quick look
 
+Models: the demo's shape (5M parameters, briefly trained on the bundled sample) and a serving-sized Llama shape
+(8 layers x 512, GQA, ~40M parameters, 2 pretraining steps: speed does not depend on what the weights learned).
 What runs: the real server (`python -m gptforge serve --ckpt ... --max_batch_size 64`) in a subprocess on loopback,
 and in this process an asyncio load generator (httpx): C clients, each sending streaming `/v1/completions` requests
 back to back until `--requests` requests (at least 2 per client) have completed at that concurrency. Every request
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from benchlib import cpu_snapshot, fmt_share, foreign_share, machine_facts, update_readme
+from benchlib import cpu_snapshot, foreign_share, machine_facts, update_readme
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32, 64)
@@ -43,15 +45,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_checkpoint(workdir: Path, steps: int) -> str:
-    """A small model trained briefly on the bundled sample (the demo's shape): quality is irrelevant here."""
-    from augment_lowdata import pretrain_model
+SIZES = {
+    # name: (model overrides on the demo's shape, pretraining steps). Quality is irrelevant here, speed is not:
+    # "demo-5M" is the demo's model (briefly trained), "llama-40M" a serving-sized one (2 steps: nearly random).
+    "demo-5M": ({}, 60),
+    "llama-40M": ({"n_layer": 8, "n_embd": 512, "n_head": 8, "n_kv_head": 4}, 2),
+}
+HEADLINE = "llama-40M"
 
+
+def build_checkpoint(workdir: Path, size: str) -> str:
+    """clean -> tokenizer -> pretrain on the bundled sample with the demo's settings and this size's shape."""
+    import contextlib
+
+    from gptforge import SAMPLE
+    from gptforge.demo import DEMO_MODEL, DEMO_TRAIN
     from gptforge.runtime import build_runtime
+    from gptforge.stages import clean, pretrain, tokenizer
 
-    with open(workdir / "setup.log", "w") as log:
-        path, _ = pretrain_model(workdir, steps, build_runtime("cpu", "float32"), log)
-    return path
+    update, steps = SIZES[size]
+    runtime = build_runtime("cpu", "float32")
+    run_dir = str(workdir / size)
+    with open(workdir / f"{size}.log", "w") as log, contextlib.redirect_stdout(log):
+        clean.run(clean.Config(run_dir=run_dir, input=[SAMPLE], overwrite=True, progress=False), None)
+        text = str(Path(run_dir) / "clean" / "data")
+        tokenizer.run(tokenizer.Config(run_dir=run_dir, input=text, overwrite=True), runtime)
+        train = DEMO_TRAIN.model_copy(
+            update={"max_steps": steps, "warmup_steps": 1, "eval_every": steps, "save_every": steps}
+        )
+        model = DEMO_MODEL.model_copy(update=update)
+        cfg = pretrain.Config(run_dir=run_dir, input=text, model=model, train=train, overwrite=True, progress=False)
+        pretrain.run(cfg, runtime)
+    return str(Path(run_dir) / "pretrain")
 
 
 def prompts() -> list[str]:
@@ -151,69 +176,84 @@ def start_server(ckpt: str, port: int, max_batch: int, threads: int) -> subproce
 
 def table(res: dict) -> str:
     lines = [
-        "| clients | tokens/s | requests/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | clients | tokens/s | vs 1 client | requests/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 "
+        "| errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for lv in res["levels"]:
-        lines.append(
-            f"| {lv['concurrency']} | {lv['tokens_per_s']} | {lv['requests_per_s']} | {lv['latency_p50_s']} s | "
-            f"{lv['latency_p99_s']} s | {lv['ttft_p50_s']} s | {lv['ttft_p99_s']} s | {lv['errors']} |"
-        )
+    for size, r in res["sizes"].items():
+        base = r["levels"][0]["tokens_per_s"] or 1
+        for lv in r["levels"]:
+            lines.append(
+                f"| {size} | {lv['concurrency']} | {lv['tokens_per_s']} | {lv['tokens_per_s'] / base:.2f}x | "
+                f"{lv['requests_per_s']} | {lv['latency_p50_s']} s | {lv['latency_p99_s']} s | {lv['ttft_p50_s']} s | "
+                f"{lv['ttft_p99_s']} s | {lv['errors']} |"
+            )
     c = res["config"]
+    ratios = ", ".join(f"{k} {v['throughput_ratio_32_vs_1']}x" for k, v in res["sizes"].items())
     lines += [
         "",
-        f"`throughput_ratio_32_vs_1` = **{res['throughput_ratio_32_vs_1']}x** ({res['model']}, "
-        f"{c['max_tokens']} tokens per request, streaming, engine max_batch_size {c['max_batch_size']}, "
-        f"server and clients on the same {res['machine']['logical_cpus']} CPUs; foreign CPU load: "
-        f"{fmt_share(res['foreign_cpu_share'])}).",
+        f"`throughput_ratio_32_vs_1` ({res['headline_size']}) = **{res['throughput_ratio_32_vs_1']}x** "
+        f"(per size: {ratios}). {c['max_tokens']} tokens per streamed request, engine max_batch_size "
+        f"{c['max_batch_size']}, server and load generator on the same {res['machine']['logical_cpus']} CPUs.",
     ]
     return "\n".join(lines)
 
 
+def run_size(size: str, ckpt: str, args) -> dict:
+    port = free_port()
+    proc = start_server(ckpt, port, args.max_batch_size, args.threads)
+    try:
+        texts = prompts()
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(level(url, 4, 8, args.max_tokens, texts))  # warm-up
+        levels = []
+        for c in args.levels:
+            lv = asyncio.run(level(url, c, args.requests, args.max_tokens, texts))
+            print(f"  {size} {c:>3} clients: {lv['tokens_per_s']} tok/s, p50 {lv['latency_p50_s']} s", flush=True)
+            levels.append(lv)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    by = {lv["concurrency"]: lv for lv in levels}
+    ratio = None
+    if 1 in by and 32 in by and by[1]["tokens_per_s"] > 0:
+        ratio = round(by[32]["tokens_per_s"] / by[1]["tokens_per_s"], 2)
+    return {"checkpoint": ckpt, "throughput_ratio_32_vs_1": ratio, "levels": levels}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt", default=str(ROOT / "runs" / "demo" / "pretrain"))
-    ap.add_argument("--pretrain-steps", type=int, default=60, help="when --ckpt is missing, train this long")
+    ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--requests", type=int, default=96, help="requests per level (at least 2 per client)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default="", help="keep the built checkpoints here (reused when present)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_load.json"))
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args(argv)
+    snap = cpu_snapshot()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt if Path(args.ckpt).exists() else build_checkpoint(Path(tmp), args.pretrain_steps)
-        port = free_port()
-        proc = start_server(ckpt, port, args.max_batch_size, args.threads)
-        try:
-            texts = prompts()
-            url = f"http://127.0.0.1:{port}"
-            asyncio.run(level(url, 4, 8, args.max_tokens, texts))  # warm-up
-            snap = cpu_snapshot()
-            levels = []
-            for c in args.levels:
-                lv = asyncio.run(level(url, c, args.requests, args.max_tokens, texts))
-                print(f"  {c:>3} clients: {lv['tokens_per_s']} tok/s, p50 {lv['latency_p50_s']} s", flush=True)
-                levels.append(lv)
-            share = foreign_share(snap, cpu_snapshot())
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    by = {lv["concurrency"]: lv for lv in levels}
-    ratio = None
-    if 1 in by and 32 in by and by[1]["tokens_per_s"] > 0:
-        ratio = round(by[32]["tokens_per_s"] / by[1]["tokens_per_s"], 2)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        sizes = {}
+        for size in args.sizes:
+            ckpt = work / size / "pretrain"
+            if not ckpt.exists():
+                build_checkpoint(work, size)
+            sizes[size] = run_size(size, str(ckpt), args)
+    head = HEADLINE if HEADLINE in sizes else next(iter(sizes))
     res = {
         "benchmark": "serve_load",
-        "throughput_ratio_32_vs_1": ratio,
-        "levels": levels,
-        "model": "demo checkpoint" if Path(args.ckpt).exists() else f"demo shape, {args.pretrain_steps} steps",
-        "config": vars(args) | {"out": None},
-        "foreign_cpu_share": share,
+        "throughput_ratio_32_vs_1": sizes[head]["throughput_ratio_32_vs_1"],
+        "headline_size": head,
+        "sizes": sizes,
+        "config": vars(args) | {"out": None, "workdir": None},
+        "foreign_cpu_share_including_server": foreign_share(snap, cpu_snapshot()),
         "machine": machine_facts(),
     }
     md = table(res)
@@ -224,11 +264,12 @@ def main(argv: list[str] | None = None) -> dict:
     out.with_suffix(".md").write_text(md + "\n")
     if not args.no_readme and out.resolve().parent == (ROOT / "bench" / "results").resolve():
         update_readme(ROOT / "README.md", md, "<!-- serve_load:begin -->", "<!-- serve_load:end -->")
-    if any(lv["errors"] for lv in levels):
-        print("errors during the load run: see error_samples in the JSON", file=sys.stderr)
     return res
 
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(1 if any(lv["errors"] for lv in res["levels"]) else 0)
+    errors = sum(lv["errors"] for r in res["sizes"].values() for lv in r["levels"])
+    if errors:
+        print(f"{errors} failed requests during the load run: see error_samples in the JSON", file=sys.stderr)
+    sys.exit(1 if errors else 0)
