@@ -506,7 +506,8 @@ def test_gptforge_serve_replicas_survive_a_killed_worker(trained_run, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "GPTFORGE_API_KEY"}
-    argv = [PY, "-m", "gptforge", "serve", "--ckpt", str(trained_run / "pretrain"), "--replicas", "3", "--port", str(port)]
+    ckpt = str(trained_run / "pretrain")
+    argv = [PY, "-m", "gptforge", "serve", "--ckpt", ckpt, "--replicas", "3", "--port", str(port)]
     log = tmp_path / "serve.log"
     with log.open("w") as f:
         proc = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
