@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     # name: (layers, width, heads, kv heads, mlp width, vocab)
     "demo-5M": (4, 256, 4, 4, 688, 8192),
-    "llama-30M": (8, 512, 8, 4, 1408, 16384),
+    "llama-40M": (8, 512, 8, 4, 1408, 16384),
 }
-HEADLINE = "llama-30M"
+HEADLINE = "llama-40M"
 
 
 def build_pair(size: str, workdir: Path, block_size: int):
