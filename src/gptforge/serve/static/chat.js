@@ -177,7 +177,12 @@ async function send() {
     await readSSE(resp.body, (payload) => {
       if (payload.trim() === "[DONE]") { sawDone = true; return false; }
       let chunk;
-      try { chunk = JSON.parse(payload); } catch (e) { failed = "bad event from the server: " + payload; return false; }
+      try {
+        chunk = JSON.parse(payload);
+      } catch (e) {
+        failed = "bad event from the server: " + payload.slice(0, 200);
+        return false;
+      }
       if (chunk.error) { failed = chunk.error.message || "the server reported an error"; return false; }
       if (chunk.usage) usage = chunk.usage;
       for (const c of chunk.choices || []) {
@@ -203,7 +208,7 @@ async function send() {
   }
   if (conversation !== state.conversation) return;  // "new chat" was pressed meanwhile
   // A stopped or failed reply keeps its partial text on screen and in the history, so the next turn sees it.
-  if (reply) state.history.push({ role: "assistant", content: reply });
+  if (reply || (!failed && finish !== "stopped")) state.history.push({ role: "assistant", content: reply });
   else state.history.pop();  // nothing came back: the user may send the message again
   if (failed) {
     if (reply) {  // keep what arrived before the failure, marked as cut short
@@ -217,10 +222,10 @@ async function send() {
     return;
   }
   const seconds = ((performance.now() - started) / 1000).toFixed(1);
-  let meta = "finish: " + finish;
+  let meta = "finish: " + (finish || "unknown");
   if (usage) meta += " · " + usage.prompt_tokens + " prompt + " + usage.completion_tokens + " completion tokens";
   addMeta(div, meta + " · " + seconds + " s");
-  div.dataset.finish = finish;
+  div.dataset.finish = finish || "unknown";
   if (finish === "stopped") div.classList.add("stopped");
   setStatus(finish === "stopped" ? "stopped" : "ready");
 }
