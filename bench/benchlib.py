@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -115,3 +116,15 @@ def update_readme(path: Path, md: str, begin: str, end: str) -> bool:
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{md}\n{end}{tail}")
     return True
+
+
+def publish(res: dict, md: str, out: Path, name: str, readme: bool = True) -> None:
+    """Print the table, write `out` (JSON) and the .md beside it, and, when `out` is in bench/results/, replace the
+    README table between `<!-- name:begin -->` and `<!-- name:end -->`."""
+    print(md)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(md + "\n")
+    if readme and out.resolve().parent == (ROOT / "bench" / "results").resolve():
+        update_readme(ROOT / "README.md", md, f"<!-- {name}:begin -->", f"<!-- {name}:end -->")

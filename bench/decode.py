@@ -25,7 +25,6 @@ run is recorded (`foreign_cpu_share`): on a shared host, compare ratios, not abs
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from benchlib import cpu_snapshot, fmt_share, foreign_share, machine_facts, update_readme
+from benchlib import cpu_snapshot, fmt_share, foreign_share, machine_facts, publish
 
 from gptforge.engine import Engine, SamplingParams
 from gptforge.model.hf_import import load_hf_model
@@ -186,14 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         "foreign_cpu_share": foreign_share(snap0, cpu_snapshot()),
         "machine": machine_facts(),
     }
-    md = table(res)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
-    if not args.no_readme and out.resolve().parent == (ROOT / "bench" / "results").resolve():
-        update_readme(ROOT / "README.md", md, "<!-- decode:begin -->", "<!-- decode:end -->")
+    publish(res, table(res), Path(args.out), "decode", readme=not args.no_readme)
     return res
 
 

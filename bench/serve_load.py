@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import httpx
-from benchlib import cpu_snapshot, foreign_share, machine_facts, update_readme
+from benchlib import cpu_snapshot, foreign_share, machine_facts, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 LEVELS = (1, 8, 32, 64)
@@ -256,14 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         "foreign_cpu_share_including_server": foreign_share(snap, cpu_snapshot()),
         "machine": machine_facts(),
     }
-    md = table(res)
-    print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
-    if not args.no_readme and out.resolve().parent == (ROOT / "bench" / "results").resolve():
-        update_readme(ROOT / "README.md", md, "<!-- serve_load:begin -->", "<!-- serve_load:end -->")
+    publish(res, table(res), Path(args.out), "serve_load", readme=not args.no_readme)
     return res
 
 
