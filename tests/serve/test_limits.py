@@ -55,7 +55,8 @@ def test_client_disconnect_frees_the_slot(tok):
         with httpx.Client(base_url=url, timeout=30) as c:
             with c.stream("POST", CHAT, json=body(500, stream=True)) as r:
                 assert r.status_code == 200
-                first = next(r.iter_lines())
+                lines = r.iter_lines()  # kept alive: a discarded iterator closes the connection early
+                first = next(lines)
                 # The role chunk goes out before the engine's first step: wait for the request to be running.
                 assert first.startswith("data: ") and wait_until(lambda: engine.num_running == 1, timeout=3)
             # Closed after one event; the 500 tokens would take 10 s.

@@ -382,7 +382,9 @@ def test_body_limit_and_client_leaving_mid_stream(stubs, router):
 
     body = {"model": "stub", "prompt": "x", "max_tokens": 500, "stream": True}
     with httpx.stream("POST", r.url + "/v1/completions", json=body, timeout=10) as resp:
-        first = next(line for line in resp.iter_lines() if line)
+        # Keep the line iterator alive: a discarded one gets closed, and that closes the connection (a client leaving).
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line)
         assert json.loads(first.removeprefix("data: "))["choices"][0]["text"] == " t0"
         assert r.replica(0)["in_flight"] == 1
     # The client hung up: the router must close the upstream stream, so the replica stops generating.
