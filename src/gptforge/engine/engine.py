@@ -90,8 +90,9 @@ class Engine:
         self._abort_ids: set[str] = set()
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []  # running[i].slot == i
-        self.counters = {"steps": 0, "batch_size_sum": 0, "tokens_generated": 0, "prompt_tokens": 0}
-        self.counters["requests_finished"] = 0
+        self.counters = dict.fromkeys(
+            ("steps", "batch_size_sum", "tokens_generated", "prompt_tokens", "requests_finished"), 0
+        )
 
     # ---- thread-safe entry points ----------------------------------------------------------------------------
     def validate(self, prompt_ids: list[int]) -> list[int]:
