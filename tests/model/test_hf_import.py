@@ -68,8 +68,9 @@ def gpt2(tie: bool = True):
     return randomize(transformers.GPT2LMHeadModel(cfg))
 
 
-def llama(tie: bool = False, bias: bool = False, max_pos: int = 64):
+def llama(tie: bool = False, bias: bool = False, max_pos: int = 64, **extra):
     cfg = transformers.LlamaConfig(
+        **extra,
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
@@ -120,6 +121,13 @@ def test_llama_matches_transformers(tmp_path, tie, bias):
     c = model.config
     assert (c.n_kv_head, c.rope_theta, c.norm_eps, c.bias, c.block_size) == (2, 5000.0, 1e-5, bias, 64)
     assert info["tie_embeddings"] is tie and (model.lm_head.weight is model.wte.weight) is tie
+
+
+def test_llama_with_its_own_head_dim_matches_transformers(tmp_path):
+    # A head width that is not hidden/heads (a structurally pruned model) maps to GPTConfig.head_size.
+    hf = llama(head_dim=12)
+    model, _ = assert_same_logits(hf, save(hf, tmp_path))
+    assert model.config.head_size == 12 and model.h[0].attn.c_q.weight.shape == (4 * 12, 32)
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -203,7 +211,6 @@ def test_config_mapping_reads_both_transformers_layouts():
     [
         ({**LLAMA_CFG, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
         ({**LLAMA_CFG, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters"),
-        ({**LLAMA_CFG, "head_dim": 16}, "head_dim"),
         ({**LLAMA_CFG, "hidden_act": "gelu"}, "hidden_act"),
         ({**LLAMA_CFG, "attention_bias": True}, "attention_bias"),  # q/k/v/o biases: neither bias nor qkv_bias
         ({**LLAMA_CFG, "mlp_bias": True}, "mlp_bias"),

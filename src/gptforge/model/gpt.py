@@ -31,6 +31,9 @@ class GPTConfig(BaseModel):
     n_head: int = Field(4, gt=0, description="Query heads.")
     n_kv_head: int = Field(0, ge=0, description="Key/value heads for GQA; 0 means equal to n_head (plain MHA).")
     n_embd: int = Field(256, gt=0, description="Residual stream width.")
+    head_size: int = Field(
+        0, ge=0, description="Width of one attention head; 0 means n_embd / n_head. Structured pruning sets it."
+    )
     intermediate_size: int = Field(0, ge=0, description="MLP hidden width; 0 picks 8/3*n_embd (SwiGLU) or 4*n_embd.")
     norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="Normalization layer.")
     mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="MLP type: Llama SwiGLU or GPT-2 GELU.")
@@ -44,12 +47,12 @@ class GPTConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_heads(self) -> GPTConfig:
-        if self.n_embd % self.n_head:
+        if not self.head_size and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos == "rope" and self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head dim, got n_embd/n_head = {self.head_dim}")
+            raise ValueError(f"RoPE needs an even head dim, got {self.head_dim}")
         return self
 
     @property
@@ -58,7 +61,8 @@ class GPTConfig(BaseModel):
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        # Independent of n_embd once heads are pruned away: the residual stream keeps its width (Llama's head_dim).
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def hidden_dim(self) -> int:

@@ -167,10 +167,9 @@ def _llama_like_config(cfg: dict[str, Any], cap: int | None) -> dict[str, Any]:
     if act != "silu":
         raise _refuse(mt, "hidden_act", act, "gptforge's SwiGLU MLP uses silu")
     hidden, heads = int(_require(cfg, "hidden_size")), int(_require(cfg, "num_attention_heads"))
+    # An explicit head_dim that differs from hidden/heads (pruned heads, Qwen3-style shapes) maps to head_size.
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim * heads != hidden:
-        why = f"gptforge needs head_dim = hidden_size/num_attention_heads = {hidden}/{heads}"
-        raise _refuse(mt, "head_dim", head_dim, why)
+    head_size = 0 if head_dim is None or head_dim * heads == hidden else int(head_dim)
     layer_types = cfg.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
         raise _refuse(mt, "layer_types", sorted(set(layer_types)), "only full (causal) attention is supported")
@@ -202,6 +201,7 @@ def _llama_like_config(cfg: dict[str, Any], cap: int | None) -> dict[str, Any]:
         n_head=heads,
         n_kv_head=cfg.get("num_key_value_heads") or heads,
         n_embd=hidden,
+        head_size=head_size,
         intermediate_size=_require(cfg, "intermediate_size"),
         bias=bias,
         qkv_bias=qkv_bias,
