@@ -20,6 +20,8 @@ STAGES = {
     "finetune": "gptforge.stages.finetune",
     "evaluate": "gptforge.stages.evaluate",
     "generate": "gptforge.stages.generate",
+    "compress": "gptforge.stages.compress",
+    "export": "gptforge.stages.export",
     "serve": "gptforge.stages.serve",
     "chat": "gptforge.stages.chat",
     "demo": "gptforge.demo",
@@ -37,6 +39,8 @@ stages:
   finetune    chat SFT, classification or continued pretraining; LoRA, cross-validation, hyperparameter search
   evaluate    perplexity/bits per byte, classification metrics and confusion matrix, chat replies
   generate    sample from a checkpoint: --ckpt DIR --prompt TEXT
+  compress    int8/int4 quantization and pruning (magnitude, Wanda, 2:4, structured) with a before/after report
+  export      write a Hugging Face folder (--format hf) or a GGUF file for llama.cpp/Ollama (--format gguf)
   serve       OpenAI-compatible HTTP server with continuous batching: --ckpt DIR [--replicas N]
   chat        chat with a checkpoint (or a running server) in the terminal, streaming
   demo        the whole default pipeline on the bundled sample corpus

@@ -170,8 +170,17 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
         missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # safetensors' own SafetensorError (a malformed header or truncated data) is no RuntimeError
+        raise CheckpointError(f"checkpoint {ckpt}: model.safetensors is not a valid safetensors file ({e})") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {ckpt} does not fit this model: missing {missing}, unexpected {unexpected}")
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """Refuse a model holding NaN or inf in any floating tensor (parameters and buffers), naming the first one."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor '{name}' has non-finite values (NaN or inf)")
 
 
 def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

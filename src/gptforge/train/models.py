@@ -62,8 +62,14 @@ def load_base(init: str | Path, tokenizer: str | Path = "", block_size: int = 0)
         raise CheckpointError(
             f"{ckpt} is a classifier; fine-tuning starts from a language model (a pretrain, lm or chat checkpoint)"
         )
+    if (meta.get("compression") or {}).get("quantization"):
+        raise CheckpointError(
+            f"{ckpt} is quantized ({meta['compression']['quantization']['scheme']}); fine-tune the float checkpoint it "
+            f"came from ({meta['compression'].get('source', '?')}) and quantize again"
+        )
     model = GPT(GPTConfig(**meta["model"]))
     _load_plain_or_lora(ckpt, model, meta)
+    ckpt_lib.check_finite(model, f"checkpoint {ckpt}")
     tok_file = Path(tokenizer) if tokenizer else ckpt / "tokenizer.json"
     tok = Tokenizer.load(tok_file)
     if not tokenizer and tok.sha256() != meta.get("tokenizer_sha256"):
@@ -132,14 +138,22 @@ def _load_plain_or_lora(ckpt: Path, model: GPT, meta: dict[str, Any]) -> None:
         ckpt_lib.load_weights(ckpt, model)
 
 
-def load_for_inference(path: str | Path, device: torch.device | str = "cpu"):
+def load_for_inference(path: str | Path, device: torch.device | str = "cpu", allow_nonfinite: bool = False):
     """(model in eval mode, tokenizer, meta) from a checkpoint folder or a folder holding checkpoints. LoRA adapters
-    are merged; a classifier comes back as the ClassifierGPT (meta['task'] == 'classify', meta['labels'])."""
+    are merged; a classifier comes back as the ClassifierGPT (meta['task'] == 'classify', meta['labels']); a
+    quantized checkpoint (written by `gptforge compress`) comes back with its quantized modules. A tensor holding NaN
+    or inf is refused, naming it, unless `allow_nonfinite`."""
     ckpt = ckpt_lib.resolve(path)
     ckpt_lib.verify(ckpt)
     meta = ckpt_lib.read_meta(ckpt)
     model = _rebuild(meta)
+    if quant := (meta.get("compression") or {}).get("quantization"):
+        from gptforge.compress.quantize import apply_quantization_spec
+
+        apply_quantization_spec(model, quant)
     ckpt_lib.load_weights(ckpt, model)
+    if not allow_nonfinite:
+        ckpt_lib.check_finite(model, f"checkpoint {ckpt}")
     if (meta.get("lora") or {}).get("rank", 0) > 0:
         from gptforge.model.lora import merge_lora
 
