@@ -41,6 +41,9 @@ def _is_str_like(annotation: Any) -> tuple[bool, bool]:
     origin = typing.get_origin(annotation)
     if annotation is str:
         return True, False
+    if origin is typing.Literal and all(isinstance(a, str) for a in typing.get_args(annotation)):
+        # A choice of words is text: never YAML-parsed, where `2:4` would become the base-60 integer 124.
+        return True, False
     if origin in (list, tuple) and typing.get_args(annotation)[:1] == (str,):
         return False, True
     if origin in (typing.Union, types.UnionType):

@@ -40,8 +40,11 @@ def test_kernels_match_the_dequantized_reference(bias, out_features):
     x = torch.randn(2, 3, 128)  # 3-D input: the kernels are 2-D, the modules reshape
     for q in (Int8Linear.from_float(lin), Int4Linear.from_float(lin, 32), Int4Linear.from_float(lin, 128)):
         ref = x @ q.dequantize().t() + (lin.bias if bias else 0)
-        torch.testing.assert_close(q(x), ref, atol=1e-4, rtol=1e-4)
-        assert q(x).shape == (2, 3, out_features)
+        assert q(x).shape == (2, 3, out_features) and q(x).dtype == torch.float32
+        # The CPU kernels take bf16 activations (their fast path): bf16 rounding, ~0.4% relative, nothing more.
+        assert rel_err(q(x), ref) < 5e-3
+        xb = x.bfloat16().float()  # with activations already in bf16, only the fp32 accumulation order differs
+        torch.testing.assert_close(q(xb), xb @ q.dequantize().t() + (lin.bias if bias else 0), atol=2e-2, rtol=1e-2)
     # The dynamic kernel also quantizes activations: close to the reference, not equal.
     dyn = Int8Linear.from_float(lin, dynamic=True)
     assert rel_err(dyn(x), x @ dyn.dequantize().t() + (lin.bias if bias else 0)) < 0.02
@@ -98,7 +101,7 @@ def test_safetensors_round_trip_and_dequantize(tmp_path, scheme):
     # Dequantized back to float: the same function, as plain modules (what export writes).
     dequantize_model(reloaded)
     assert not is_quantized(reloaded) and reloaded.lm_head.weight is reloaded.wte.weight
-    torch.testing.assert_close(reloaded(x)[0], want, atol=1e-4, rtol=1e-4)
+    assert rel_err(reloaded(x)[0], want) < 0.01  # float weights vs the kernels' bf16 activations
 
 
 def test_filter_and_argument_errors():

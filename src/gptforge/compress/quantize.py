@@ -7,7 +7,7 @@ first use on the device at hand.
 
 Formats (w is one (N, K) weight, N output rows, K inputs):
 * int8: symmetric per output row. `qweight` int8 (N, K) in [-127, 127], `scale` fp32 (N,): w ~ qweight * scale.
-  - `int8` (weight-only) multiplies float activations by the int8 weight (`torch._weight_int8pack_mm`): the weight
+  - `int8` (weight-only) multiplies bf16 activations by the int8 weight (`torch._weight_int8pack_mm`): the weight
     stays 4x smaller in memory, which is what a memory-bound decode step pays for.
   - `int8_dynamic` also quantizes each activation row to int8 at run time and runs an int8 x int8 GEMM (fbgemm's
     `quantized::linear_dynamic`, the kernel behind `torch.ao.quantization.quantize_dynamic`): on CPU the fastest
@@ -41,6 +41,13 @@ from gptforge.compress.select import select_modules
 Scheme = Literal["int8", "int8_dynamic", "int4"]
 SCHEMES = ("int8", "int8_dynamic", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel accepts
+
+
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype:
+    """Activation dtype for torch's int8/int4 weight-only CPU kernels: bf16, their only vectorized input type there
+    (fp32 inputs take a scalar path 30-150x slower, measured in bench/compress.py). The kernels accumulate in fp32;
+    the cost is bf16 rounding of the activations, ~0.4% relative, well below the weights' own quantization error."""
+    return torch.bfloat16 if x.device.type == "cpu" else x.dtype
 
 
 class QuantLinear(nn.Module):
@@ -116,7 +123,12 @@ class Int8Linear(QuantLinear):
             # (what quantize_dynamic does on x86).
             y = torch.ops.quantized.linear_dynamic(x2.float(), packed, True).to(x.dtype)
         else:
-            y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(x.dtype))
+            # bf16 activations: torch's CPU kernel has a vectorized path for bf16 only; fp32 input is ~30x slower.
+            kdt = _kernel_dtype(x)
+            scale = self._kernel_cache.get(("scale", kdt))
+            if scale is None:
+                scale = self._kernel_cache[("scale", kdt)] = self.scale.to(kdt)
+            y = torch._weight_int8pack_mm(x2.to(kdt).contiguous(), self.qweight, scale).to(x.dtype)
             if self.bias is not None:
                 y = y + self.bias.to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
@@ -176,8 +188,10 @@ class Int4Linear(QuantLinear):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).contiguous()
         if x.device.type == "cpu":
-            packed, sz, _ = self._packed(x.dtype)
-            y = torch._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)[:, : self.out_features]
+            kdt = _kernel_dtype(x)
+            packed, sz, _ = self._packed(kdt)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(kdt), packed, self.group_size, sz)[:, : self.out_features]
+            y = y.to(x.dtype)
         else:
             # No fused kernel wired up here: dequantize once per device/dtype (memory of a float copy).
             key = ("dense", x.device, x.dtype)
