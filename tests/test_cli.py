@@ -127,6 +127,8 @@ def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
     assert (tmp_path / "demo" / "generate" / "samples.jsonl").is_file()
     assert "macro F1" in out and (tmp_path / "demo" / "evaluate" / "classify" / "confusion.png").is_file()
     assert (tmp_path / "demo" / "evaluate" / "chat" / "samples.jsonl").read_text().count("reply") == 4
+    assert "compressed     int8" in out and (tmp_path / "demo" / "compress" / "int8" / "report.md").is_file()
+    assert (tmp_path / "demo" / "export" / "hf" / "config.json").is_file()
 
 
 def test_cli_edge_cases(capsys, trained_run):

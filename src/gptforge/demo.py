@@ -3,7 +3,8 @@
 clean (the sample includes messy copies: GBK, Big5, ANSI codes, HTML, duplicates, boilerplate) -> tokenizer ->
 pretrain (a ~5M-parameter model) -> generate samples from Chinese and English prompts -> fine-tune a classifier
 (which collection a poem or passage comes from) and a chat model (title and author in, poem out) -> evaluate both on
-test splits they never saw, printing the metrics table and chat replies. It orchestrates
+test splits they never saw, printing the metrics table and chat replies -> compress the pretrained model to int8 with
+a before/after report -> export the chat model as a Hugging Face folder. It orchestrates
 the stages the way a user would call them one by one; each stage still writes only its own folder of the run
 directory. The same settings are in `configs/demo/default.yaml`.
 """
@@ -19,7 +20,7 @@ from gptforge import SAMPLE, sample_data_dir
 from gptforge.artifacts import save_config, stage_dir
 from gptforge.model.gpt import GPTConfig
 from gptforge.runtime import Runtime
-from gptforge.stages import clean, evaluate, finetune, generate, pretrain, tokenizer
+from gptforge.stages import clean, compress, evaluate, export, finetune, generate, pretrain, tokenizer
 from gptforge.train.trainer import TrainConfig
 
 DEMO_MODEL = GPTConfig(block_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=256, dropout=0.1)
@@ -70,13 +71,13 @@ def banner(text: str) -> None:
 def run(cfg: Config, runtime: Runtime) -> dict:
     t0 = time.perf_counter()
     save_config(cfg, stage_dir(cfg.run_dir, "demo"))
-    banner("1/7 clean: decode, normalize, filter and deduplicate the raw text")
+    banner("1/9 clean: decode, normalize, filter and deduplicate the raw text")
     clean_stats = clean.run(clean.Config(run_dir=cfg.run_dir, input=[cfg.input], overwrite=not cfg.resume), None)
     text = str(Path(cfg.run_dir) / "clean" / "data")
-    banner("2/7 tokenizer: byte-level BPE trained on the cleaned corpus")
+    banner("2/9 tokenizer: byte-level BPE trained on the cleaned corpus")
     tok_cfg = tokenizer.Config(run_dir=cfg.run_dir, input=text, vocab_size=cfg.vocab_size, overwrite=not cfg.resume)
     tok_stats = tokenizer.run(tok_cfg, runtime)
-    banner("3/7 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
+    banner("3/9 pretrain: a small GPT (RoPE, RMSNorm, SwiGLU, GQA)")
     pre_cfg = pretrain.Config(
         run_dir=cfg.run_dir,
         input=text,
@@ -89,7 +90,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         overwrite=not cfg.resume,  # running the demo again starts it over
     )
     summary = pretrain.run(pre_cfg, runtime)
-    banner("4/7 generate: samples from the best checkpoint (KV cache)")
+    banner("4/9 generate: samples from the best checkpoint (KV cache)")
     gen_cfg = generate.Config(
         ckpt=str(Path(cfg.run_dir) / "pretrain" / "checkpoints"),
         prompt=cfg.prompts,
@@ -101,6 +102,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     )
     samples = generate.run(gen_cfg, runtime)
     tuned = _finetune(cfg, runtime) if cfg.finetune else {}
+    shrunk, exported = _compress_and_export(cfg, runtime, bool(tuned))
     val = summary["val"]
     banner("demo finished")
     r = clean_stats["records"]
@@ -135,8 +137,32 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             f"chat           test loss {c['loss']:.3f}  ppl {c['ppl']:.1f} on assistant tokens; "
             f"replies in {Path(cfg.run_dir) / 'evaluate' / 'chat' / 'samples.jsonl'}"
         )
+    c = shrunk["change"]
+    print(
+        f"compressed     int8: {c['size_ratio']:.2f}x the size, perplexity {c['ppl_delta_pct']:+.2f}%, decode "
+        f"{c.get('decode_speedup', float('nan')):.2f}x; report {Path(cfg.run_dir) / 'compress' / 'int8' / 'report.md'}"
+    )
+    print(f"exported       Hugging Face folder {exported['out']} ({exported['architecture']})")
     print(f"total time     {time.perf_counter() - t0:.0f} s")
-    return {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples, **tuned}
+    out = {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples, **tuned}
+    return {**out, "compress": shrunk, "export": exported}
+
+
+def _compress_and_export(cfg: Config, runtime: Runtime, tuned: bool) -> tuple[dict, dict]:
+    import torch
+
+    banner("8/9 compress: int8 weights (4x smaller), measured before and after on the validation split")
+    # torch's int8 kernels used here are CPU kernels: the measurement runs on the CPU whatever trained the model.
+    cpu = Runtime(torch.device("cpu"), torch.float32)
+    pretrained = str(Path(cfg.run_dir) / "pretrain" / "checkpoints")
+    shrunk = compress.run(
+        compress.Config(ckpt=pretrained, run_dir=cfg.run_dir, quantize="int8", overwrite=True, threads=cfg.threads),
+        cpu,
+    )
+    banner("9/9 export: a Hugging Face folder that transformers loads with no gptforge code")
+    source = str(Path(cfg.run_dir) / "finetune" / "chat") if tuned else pretrained
+    exported = export.run(export.Config(ckpt=source, format="hf", run_dir=cfg.run_dir, overwrite=True), cpu)
+    return shrunk, exported
 
 
 def _finetune(cfg: Config, runtime: Runtime) -> dict:
@@ -146,7 +172,7 @@ def _finetune(cfg: Config, runtime: Runtime) -> dict:
     files = build_demo_tasks(sample_data_dir(), stage_dir(cfg.run_dir, "demo") / "tasks")
     common = dict(run_dir=cfg.run_dir, device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, overwrite=True)
     out = {}
-    banner("5/7 finetune classify: which collection does a poem or passage come from?")
+    banner("5/9 finetune classify: which collection does a poem or passage come from?")
     ft = finetune.Config(
         task="classify",
         train_file=str(files["classify_train"]),
@@ -156,7 +182,7 @@ def _finetune(cfg: Config, runtime: Runtime) -> dict:
         **common,
     )
     out["classify"] = finetune.run(ft, runtime)
-    banner("6/7 finetune chat: title and author in, poem out (loss on the answer only, packed)")
+    banner("6/9 finetune chat: title and author in, poem out (loss on the answer only, packed)")
     ft = finetune.Config(
         task="chat",
         train_file=str(files["chat_train"]),
@@ -165,7 +191,7 @@ def _finetune(cfg: Config, runtime: Runtime) -> dict:
         **common,
     )
     out["chat"] = finetune.run(ft, runtime)
-    banner("7/7 evaluate on the test splits the fine-tuning never saw")
+    banner("7/9 evaluate on the test splits the fine-tuning never saw")
     ckpts = Path(cfg.run_dir) / "finetune"
     ev = dict(run_dir=cfg.run_dir, device=cfg.device)
     out["classify_test"] = evaluate.run(
