@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-slow bench bench-data bench-serve browser lint clean
+.PHONY: demo test test-slow bench bench-data bench-serve bench-compress browser lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,12 +33,19 @@ browser:
 test: $(VENV)/.installed-dev browser
 	GPTFORGE_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q
 
+# The slow tests also check the exports in their consumers: lm-evaluation-harness (installed here) and llama.cpp through
+# llama-cpp-python (a 10-minute compile, so only when already installed: `$(BIN)/pip install llama-cpp-python`).
 test-slow: $(VENV)/.installed-dev
-	$(PIP) install -q 'ray[serve]>=2.47'
+	$(PIP) install -q 'ray[serve]>=2.47' 'lm-eval[hf]>=0.4'
 	$(BIN)/python -m pytest -q -m slow
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/python bench/train_throughput.py
+
+# Needs the demo's trained model (runs/demo): `make demo` first.
+bench-compress: $(VENV)/.installed-dev
+	@test -d runs/demo/pretrain/tokens || $(BIN)/gptforge demo
+	$(BIN)/python bench/compress.py
 
 bench-serve: $(VENV)/.installed-dev
 	$(BIN)/python bench/decode.py
