@@ -185,11 +185,19 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
 
 def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(trainer state, this rank's RNG state). weights_only: nothing in a checkpoint can run code."""
-    trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
     rng_file = ckpt / f"rng_rank{rank}.pt"
     if not rng_file.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no RNG state for rank {rank} (saved at another world size)")
-    return trainer, torch.load(rng_file, map_location="cpu", weights_only=True)
+    return _safe_load(ckpt / "trainer.pt"), _safe_load(rng_file)
+
+
+def _safe_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a payload that is more than tensors and primitives, or a bad file
+        raise CheckpointError(
+            f"{path} refused: it is not a plain tensor file that loads without running code ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def diff_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
