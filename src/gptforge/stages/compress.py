@@ -60,6 +60,7 @@ class Config(tasks.TaskDataFields):
     repeats: int = Field(3, gt=0, description="Timed decode runs (median reported).")
     seed: int = Field(1337, description="Seed of calibration sampling and recovery.")
     device: str = Field("cpu", description="cpu, cuda, mps or auto (the int8/int4 kernels are CPU kernels).")
+    dtype: str = Field("float32", description="Measurement autocast: float32 (like evaluate) or bfloat16.")
     threads: int = Field(0, ge=0, description="CPU threads; 0 keeps torch's default.")
     overwrite: bool = Field(False, description="Replace an existing output folder of the same name.")
 
