@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name, flags in VARIANTS.items():
             common = [f"--ckpt={args.ckpt}", f"--run_dir={tmp}", f"--name={name}", "--decode_tokens=0"]
-            with contextlib.redirect_stdout(io.StringIO()):  # the stage's own report; this table replaces it
+            # The stage's own report and progress bar: this table replaces them.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 rc = cli(["compress", *common, "--eval_windows=1", *flags])
             if rc != 0:
                 sys.exit(f"gptforge compress {' '.join(flags)} failed ({rc})")
