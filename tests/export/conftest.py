@@ -41,6 +41,7 @@ VARIANTS = {
     "llama-head-size": dict(LLAMA, n_kv_head=2, head_size=8),
     "llama-bias": dict(LLAMA, bias=True, tie_embeddings=False),
     "qwen2": dict(LLAMA, n_kv_head=2, qkv_bias=True),
+    "qwen2-head-size": dict(LLAMA, n_kv_head=2, qkv_bias=True, head_size=8),  # heads pruned by `compress`
     "gpt2": dict(n_head=4, n_embd=64, pos="learned", norm="layernorm", mlp="gelu", bias=True),
     "gpt2-untied": dict(
         n_head=4, n_embd=64, pos="learned", norm="layernorm", mlp="gelu", bias=True, tie_embeddings=False

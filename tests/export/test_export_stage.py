@@ -55,7 +55,7 @@ def test_hf_export_end_to_end(tmp_path, ckpt, capsys):
     with torch.no_grad():
         assert torch.equal(back(x)[0], model(x)[0])
 
-    summary = json.loads((run / "export" / "export.json").read_text())
+    summary = json.loads((run / "export" / "hf.export.json").read_text())
     assert summary["checkpoint"] == str(path) and summary["step"] == 7 and summary["model_type"] == "llama"
     assert summary["num_params"] == model.num_params() and summary["dequantized"] is False
     assert summary["size_bytes"] == sum(p.stat().st_size for p in folder.iterdir())
@@ -82,14 +82,15 @@ def test_gguf_export_end_to_end(tmp_path, ckpt, capsys):
     reader = gguf.GGUFReader(f)
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["general.name"].contents() == "pretrain-step7"
-    summary = json.loads((run / "export" / "gguf" / "export.json").read_text())
+    summary = json.loads((run / "export" / "model-q8_0.gguf.export.json").read_text())
     assert summary["qtype"] == "q8_0" and summary["size_bytes"] == f.stat().st_size
-    assert (run / "export" / "gguf" / "config.yaml").is_file()
+    assert (run / "export" / "config.yaml").is_file()
 
     custom = tmp_path / "elsewhere" / "tiny.gguf"
     rc, _, err = run_cli(capsys, f"--ckpt={path}", "--format=gguf", f"--out={custom}", f"--run_dir={run}")
     assert rc == 0, err
-    assert custom.is_file() and (custom.parent / "export.json").is_file()
+    assert custom.is_file() and not (custom.parent / "config.yaml").exists()  # nothing written beside a custom --out
+    assert (run / "export" / "tiny.gguf.export.json").is_file()
 
 
 def test_classifier_is_refused(tmp_path, tok, capsys):

@@ -41,10 +41,16 @@ def test_int8_report_and_reload(capsys, trained_run, tmp_path):
     src, _, _ = load_for_inference(trained_run / "pretrain")
     x = torch.randint(0, 300, (1, 20))
     assert (model(x)[0] - src(x)[0]).abs().max() < 0.05 * src(x)[0].abs().max()
-    # Running again without --overwrite refuses; with it, replaces.
+    # Running again without --overwrite refuses; with it, replaces; a folder that is no compress output never is.
     rc, _, err = compress(capsys, trained_run, tmp_path)
     assert rc == 2 and "already exists" in err
     assert compress(capsys, trained_run, tmp_path, "--overwrite")[0] == 0
+    assert sorted(p.name for p in (tmp_path / "compress").iterdir()) == ["int8"]  # no temporary folders left
+    (tmp_path / "compress" / "mine").mkdir()
+    (tmp_path / "compress" / "mine" / "notes.txt").write_text("keep me")
+    rc, _, err = compress(capsys, trained_run, tmp_path, "--name=mine", "--overwrite")
+    assert rc == 2 and "not the output of a compress run" in err
+    assert (tmp_path / "compress" / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_generate_and_serve_a_quantized_checkpoint(capsys, trained_run, tmp_path):
@@ -92,6 +98,7 @@ def test_structured_gives_a_smaller_dense_model(capsys, trained_run, tmp_path):
     assert rc == 0, err
     r = report(tmp_path, "s")
     assert r["change"]["params_ratio"] < 0.9 and r["change"]["size_ratio"] < 0.9
+    assert r["pruning"]["importance"] == "activations"  # the run's training windows were there to calibrate on
     model, _, meta = load_for_inference(tmp_path / "compress" / "s")
     src_cfg = load_for_inference(trained_run / "pretrain")[0].config
     assert meta["model"]["n_head"] == src_cfg.n_head // 2 and meta["model"]["head_size"] == src_cfg.head_dim
@@ -123,6 +130,10 @@ def test_classifier_report_has_task_metrics(capsys, trained_run, corpus, tmp_pat
         (["--quantize=int4", "--group_size=48"], "group_size must be"),
         (["--include=h.*.atn.*"], "matches no Linear module"),
         (["--eval_data=/nonexistent/file.txt"], "nonexistent"),
+        (["--name=.."], "must be one folder name"),
+        (["--eval_data=a.txt", "--calib_data=./a.txt", "--prune=wanda"], "are the same"),
+        (["--recover_steps=5"], "follows pruning"),
+        (["--prune=structured", "--quantize=none", "--exclude=lm_head"], "quantization only"),
     ],
 )
 def test_bad_arguments_are_named(capsys, trained_run, tmp_path, args, message):

@@ -15,7 +15,8 @@ Formats (w is one (N, K) weight, N output rows, K inputs):
     the module falls back to the weight-only kernel, with the same stored weights.
 * int4: asymmetric per group of `group_size` inputs. `qweight` uint8 (N, K/2), two 4-bit values per byte (even k in
   the low nibble), `scale_zero` bf16 (K/G, N, 2): w ~ (q - 8) * scale + zero (the tinygemm convention of torch's
-  `_weight_int4pack_mm_for_cpu`, so no conversion is needed to call it). Rows are padded to a multiple of 16 for that
+  `_weight_int4pack_mm_for_cpu`, so the scales feed it as they are; the 4-bit codes are repacked into its
+  CPU-specific layout once, on first use). Rows are padded to a multiple of 16 for that
   kernel (its requirement); padding rows are zeros and are sliced off the output.
 * The token embedding is quantized with the same format; when it is tied to the LM head both read the one quantized
   table (a `QuantEmbedding` holds the head module), so the tie survives and is stored once.
@@ -70,9 +71,6 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
-
-    def stored_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False) if b is not None)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -205,7 +203,7 @@ class Int4Linear(QuantLinear):
     def embed_rows(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         g = self.group_size
         flat = idx.reshape(-1)
-        sz = self.scale_zero.float().permute(1, 0, 2)[flat]  # (R, K/G, 2)
+        sz = self.scale_zero[:, flat].float().permute(1, 0, 2)  # (R, K/G, 2): only the rows looked up
         q = self._codes(flat).view(len(flat), -1, g).float()
         rows = ((q - 8) * sz[..., :1] + sz[..., 1:]).view(len(flat), self.in_features)
         return rows.to(dtype).view(*idx.shape, self.in_features)

@@ -147,10 +147,12 @@ def _encode(gguf, name: str, t: torch.Tensor, qtype: str, fallback: list[str]):
 
 
 def _too_big(name: str, t: torch.Tensor, qtype: str) -> bool:
-    """Finite in fp32 but not representable in the file: f16 values, or q8_0's f16 block scales (max/127)."""
+    """Finite in fp32 but not representable in the file: f16 values, or q8_0's f16 block scales (max/127). A q8_0
+    tensor whose rows are not whole 32-value blocks is written as f16 (see `_encode`), so the f16 limit applies."""
     if qtype == "f32" or t.dim() == 1 or name == "position_embd.weight":
         return False
-    limit = F16_MAX * 127 if qtype == "q8_0" else F16_MAX
+    q8_blocks = qtype == "q8_0" and t.shape[-1] % 32 == 0
+    limit = F16_MAX * 127 if q8_blocks else F16_MAX
     return bool(t.abs().max() > limit)
 
 
@@ -177,6 +179,10 @@ def export_gguf(
         raise ExportError(f"{out_file} is a directory; give the path of a .gguf file")
     cfg, meta = model.config, meta or {}
     arch = pick_architecture(cfg)
+    if arch == "qwen2" and cfg.head_dim * cfg.n_head != cfg.n_embd:
+        # llama.cpp's qwen2 loader assumes q/o projections of n_embd x n_embd; its llama loader takes any head width
+        # and optional q/k/v biases, so a head-pruned Qwen2-style model is written as llama (q/k permuted).
+        arch = "llama"
     check_tokenizer(model, tok)
     tokens, types, merges = gguf_vocab(tok, cfg.vocab_size)
     tensors = gguf_tensors(model, arch)

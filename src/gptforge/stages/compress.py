@@ -12,14 +12,19 @@ The result is an ordinary checkpoint under `<run_dir>/compress/<name>/checkpoint
 held-out text (or accuracy and F1 for a classifier), and batch-1 decode tokens/s through the serving engine.
 
 Data: `--eval_data` (held-out text, a pretraining token folder, or labelled JSONL for a classifier) and
-`--calib_data` (text or a token folder; Wanda, activation-aware structured pruning and recovery read it). Left empty,
-both come from the pretraining token shards of the checkpoint's own run (`<run_dir>/pretrain/tokens`): validation
-windows for the report, training windows for calibration, so the report never measures on calibration text.
+`--calib_data` (text or a token folder). Wanda and recovery need calibration data; 2:4 and structured pruning rank by
+activations when there is some and by weight norms otherwise. Left empty, both come from the pretraining token
+shards of the checkpoint's own run (`<run_dir>/pretrain/tokens`): validation windows for the report, training windows
+for calibration, so the report never measures on calibration text (the same file for both is refused). Structured
+pruning acts on every layer; with it, `--include`/`--exclude` select what is quantized.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +34,7 @@ from pydantic import ConfigDict, Field
 
 from gptforge.artifacts import append_ledger, save_config, write_json
 from gptforge.compress import report as rep
+from gptforge.compress.quantize import INT4_GROUP_SIZES
 from gptforge.runtime import Runtime
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import tasks
@@ -47,7 +53,7 @@ class Config(tasks.TaskDataFields):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="magnitude/wanda: fraction of weights set to zero.")
     heads_keep: float = Field(1.0, gt=0.0, le=1.0, description="structured: fraction of attention heads kept.")
     mlp_keep: float = Field(0.75, gt=0.0, le=1.0, description="structured: fraction of MLP channels kept.")
-    include: list[str] = Field(["*"], description="Globs of module names to compress (relative to the GPT body).")
+    include: list[str] = Field(["*"], description="Globs of module names to compress, relative to the GPT body.")
     exclude: list[str] = Field([], description="Globs of module names left alone.")
     eval_data: str = Field("", description="Held-out text, token folder or labelled JSONL; empty = the run's val.")
     calib_data: str = Field("", description="Calibration text or token folder; empty = the run's train split.")
@@ -60,7 +66,7 @@ class Config(tasks.TaskDataFields):
     repeats: int = Field(3, gt=0, description="Timed decode runs (median reported).")
     seed: int = Field(1337, description="Seed of calibration sampling and recovery.")
     device: str = Field("cpu", description="cpu, cuda, mps or auto (the int8/int4 kernels are CPU kernels).")
-    dtype: str = Field("float32", description="Measurement autocast: float32 (like evaluate) or bfloat16.")
+    dtype: str = Field("float32", description="Autocast of measurements and recovery: float32 or bfloat16.")
     threads: int = Field(0, ge=0, description="CPU threads; 0 keeps torch's default.")
     overwrite: bool = Field(False, description="Replace an existing output folder of the same name.")
 
@@ -114,7 +120,10 @@ def _windows(path: str, split: str, cfg: Config, tok, meta: dict, block: int, li
             f"--{field} is empty and the checkpoint's run has no pretraining token folder made with its tokenizer; "
             f"pass --{field} (a text file/folder or a token folder)"
         )
-    if (source / "meta.json").is_file() and "val_files" in json.loads((source / "meta.json").read_text()):
+    folder_meta = json.loads((source / "meta.json").read_text()) if (source / "meta.json").is_file() else {}
+    if "val_files" in folder_meta:
+        if folder_meta.get("tokenizer_sha256") != tok.sha256():
+            raise ValueError(f"--{field} {source}: its token ids come from another tokenizer than the checkpoint's")
         tw = TokenWindows(source, split, block)
         rng = np.random.default_rng(cfg.seed)
         # Evaluation takes the first windows (the same every run); calibration a seeded random sample.
@@ -134,12 +143,27 @@ def _windows(path: str, split: str, cfg: Config, tok, meta: dict, block: int, li
 def run(cfg: Config, runtime: Runtime) -> dict:
     if cfg.quantize == "none" and cfg.prune == "none":
         raise ValueError("nothing to do: set --quantize (int8, int8_dynamic, int4) and/or --prune")
-    if cfg.quantize == "int4" and cfg.group_size not in (32, 64, 128, 256):
-        raise ValueError(f"group_size must be 32, 64, 128 or 256 for int4, got {cfg.group_size}")
+    if cfg.quantize == "int4" and cfg.group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES} for int4, got {cfg.group_size}")
+    if cfg.recover_steps and cfg.prune == "none":
+        raise ValueError("recover_steps: recovery fine-tuning follows pruning; set --prune too")
+    filtered = cfg.include != ["*"] or cfg.exclude
+    if cfg.prune == "structured" and cfg.quantize == "none" and filtered:
+        raise ValueError(
+            "include/exclude: structured pruning cuts whole heads and channels of every layer; the filters select "
+            "modules for quantization only"
+        )
     name = cfg.name or default_name(cfg)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"name {name!r} must be one folder name (letters, digits, '.', '_', '-')")
+    if cfg.eval_data and cfg.calib_data and Path(cfg.eval_data).resolve() == Path(cfg.calib_data).resolve():
+        raise ValueError("eval_data and calib_data are the same; the report must not measure on calibration text")
     out = Path(cfg.run_dir) / "compress" / name
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite or --name to write elsewhere")
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ValueError(f"{out} already exists; pass --overwrite or --name to write elsewhere")
+        if not (out / "report.json").is_file():
+            raise ValueError(f"{out} is not the output of a compress run (no report.json); refusing to replace it")
     model, tok, meta = load_for_inference(cfg.ckpt, runtime.device)
     if (meta.get("compression") or {}).get("quantization"):
         raise ValueError(f"{meta['checkpoint']} is already quantized; compress its float source instead")
@@ -168,8 +192,11 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     print(f"measuring the source {meta['checkpoint']} ...", flush=True)
     before = rep.measure(model, runtime, **measure)
 
+    # Wanda and recovery need data; 2:4 and structured rank by activations when there is data, by weights otherwise.
     calib = None
-    if cfg.prune in ("wanda", "2:4", "structured") or (cfg.recover_steps and cfg.prune != "none"):
+    needs = cfg.prune == "wanda" or cfg.recover_steps > 0
+    wants = cfg.prune in ("2:4", "structured") and (cfg.calib_data or _run_tokens(meta, tok))
+    if needs or wants:
         calib, _ = _windows(cfg.calib_data, "train", cfg, tok, meta, min(block, 256), cfg.calib_samples, "calib_data")
     pruning = None
     if cfg.prune != "none":
@@ -184,29 +211,35 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     model.eval()
     print("measuring the result ...", flush=True)
     after = rep.measure(model, runtime, **measure)
-    change = rep.compare(before, after)
 
     new_meta = {k: v for k, v in meta.items() if k not in ("checkpoint", "time", "world_size", "step")}
     new_meta.update(model=gpt.config.model_dump(), lora=None, stage="compress")
     new_meta["compression"] = {
         "source": meta["checkpoint"], "quantization": quant, "pruning": pruning, "recovery": recovery,
     }  # fmt: skip
-    if cfg.overwrite and out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    # Everything is written to a temporary folder that replaces the old output only once complete: a crash leaves
+    # the previous result intact.
+    tmp = out.with_name(f".tmp-{name}")
+    shutil.rmtree(tmp, ignore_errors=True)
     ckpt = ckpt_lib.save(
-        out / "checkpoints", int(meta.get("step") or 0), model, {}, new_meta, {}, runtime,
+        tmp / "checkpoints", int(meta.get("step") or 0), model, {}, new_meta, {}, runtime,
         tokenizer_file=Path(meta["checkpoint"]) / "tokenizer.json", keep_last=1,
     )  # fmt: skip
     after["size_bytes"] = (ckpt / "model.safetensors").stat().st_size  # the real file, to the byte
     change = rep.compare(before, after)
-    result = {"checkpoint": str(ckpt), "source": meta["checkpoint"], "task": task, "before": before, "after": after}
-    result.update(change=change, quantization=quant, pruning=pruning, recovery=recovery)
-    write_json(out / "report.json", result)
+    final_ckpt = out / "checkpoints" / ckpt.name
+    result = {"checkpoint": str(final_ckpt), "source": meta["checkpoint"], "task": task, "before": before}
+    result.update(after=after, change=change, quantization=quant, pruning=pruning, recovery=recovery)
+    write_json(tmp / "report.json", result)
     table = rep.markdown(before, after, change, f"compress {name}: {meta['checkpoint']}")
-    (out / "report.md").write_text(table, encoding="utf-8")
-    save_config(cfg, out)
+    (tmp / "report.md").write_text(table, encoding="utf-8")
+    save_config(cfg, tmp)
+    old = out.with_name(f".old-{name}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    ckpt = final_ckpt
     append_ledger(cfg.run_dir, f"compress/{name}", "ok", change)
     print(table)
     print(f"compressed checkpoint: {ckpt}\nreport: {out / 'report.md'}")
@@ -238,6 +271,8 @@ def _prune(cfg: Config, model: torch.nn.Module, calib: np.ndarray | None) -> tup
         else:
             model.gpt = small
     info["calibration_sequences"] = 0 if calib is None else len(calib)
+    if cfg.prune in ("2:4", "structured"):
+        info["importance"] = "activations" if calib is not None else "weights (no calibration data)"
     return model.eval(), info
 
 

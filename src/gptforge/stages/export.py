@@ -11,8 +11,9 @@ into float weights first, since neither format can hold gptforge's int8/int4 lay
 formats describe language models, and a classification head would be silently dropped. A model whose config no stock
 architecture computes exactly is refused naming the field (see gptforge.export.hf).
 
-Writes the export to `--out` (default `<run_dir>/export/hf` or `<run_dir>/export/gguf/model-<type>.gguf`), and beside
-it (in the parent folder) export.json (what was written, from which checkpoint, how to load it) and config.yaml.
+Writes the export to `--out` (default `<run_dir>/export/hf` or `<run_dir>/export/gguf/model-<type>.gguf`), and in
+`<run_dir>/export/` a record `<output name>.export.json` (what was written, from which checkpoint, how to load it)
+and the resolved config.yaml.
 An existing export is replaced only with --overwrite.
 """
 
@@ -78,7 +79,7 @@ def run(cfg: Config, runtime: Any = None) -> dict[str, Any]:
         model = dequantize_model(model)  # neither format holds gptforge's int layouts: export the float weights
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     source = Path(meta["checkpoint"])
-    # general.name in GGUF, provenance in both: the run folder and the checkpoint step.
+    # general.name in GGUF, provenance in both: the checkpoint's stage folder (pretrain, chat, ...) and its step.
     info = {**meta, "name": f"{source.parent.parent.name or 'gptforge'}-step{meta.get('step', 0)}"}
     if cfg.format == "hf":
         from gptforge.export.hf import export_hf
@@ -104,8 +105,11 @@ def run(cfg: Config, runtime: Any = None) -> dict[str, Any]:
         "size_bytes": size,
         "load": load_command(cfg.format, out),
     }
-    write_json(out.parent / "export.json", result)
-    save_config(cfg, out.parent)
+    # The record goes to this stage's own folder, never beside a user-chosen --out (it would overwrite their files),
+    # named after the output so exports of several formats and types keep separate records.
+    record_dir = Path(cfg.run_dir) / "export"
+    write_json(record_dir / f"{out.name}.export.json", result)
+    save_config(cfg, record_dir)
     append_ledger(cfg.run_dir, f"export/{cfg.format}", "ok", {"num_params": summary["num_params"], "bytes": size})
     arch = summary.get("architecture")
     print(f"exported {meta['checkpoint']} as {cfg.format} ({arch}, {size / 1e6:.2f} MB) -> {out}")
