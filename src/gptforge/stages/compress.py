@@ -202,7 +202,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     if cfg.prune != "none":
         model, pruning = _prune(cfg, model, calib)
     gpt = getattr(model, "gpt", model)
-    recovery = _recover(cfg, gpt, calib, runtime) if cfg.recover_steps and cfg.prune != "none" else None
+    recovery = _recover(cfg, gpt, calib, runtime) if cfg.recover_steps else None  # validated: only after pruning
     quant = None
     if cfg.quantize != "none":
         from gptforge.compress.quantize import quantize_model
