@@ -33,6 +33,7 @@ from gptforge.model.lora import LoRAConfig
 from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import tasks
+from gptforge.train.autobatch import resolve_batch
 from gptforge.train.metrics import MetricsLog, plot_losses
 from gptforge.train.models import build_task_model, load_base, set_dropout
 from gptforge.train.optim import build_optimizer
@@ -426,6 +427,14 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         )
     init = cfg.init or str(Path(cfg.run_dir) / "pretrain")
     base = load_base(init, cfg.tokenizer, cfg.block_size)
+    if cfg.resume and cfg.train.micro_batch_size == 0 and newest:
+        saved = ckpt_lib.read_meta(newest).get("data", {}).get("train.micro_batch_size")  # keep the data order
+        if saved:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": int(saved)})})
+    train, plan = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime)
+    cfg = cfg.model_copy(update={"train": train})
+    if plan and runtime.is_main:
+        print(f"batch: {plan.reason}")
     tok = base.tokenizer
     prep = tasks.prepare(cfg, tok, base.model.config.block_size)
     out.mkdir(parents=True, exist_ok=True)

@@ -146,12 +146,31 @@ def make_evaluator(model: torch.nn.Module, val: TokenWindows, cfg: Config, runti
     return evaluate
 
 
+def _resolve_batch(cfg: Config, model_cfg: GPTConfig, ckpt_dir: Path, runtime: Runtime):
+    """train.global_batch_size / micro_batch_size 0 -> concrete values (printed with the reason). A resumed run
+    keeps the micro-batch its checkpoints were made with: free memory differs between starts, the data order may not."""
+    from gptforge.train.autobatch import resolve_batch
+
+    tc = cfg.train
+    if cfg.resume and tc.micro_batch_size == 0 and (newest := ckpt_lib.latest(ckpt_dir)):
+        saved = ckpt_lib.read_meta(newest).get("data", {}).get("train.micro_batch_size")
+        if saved:
+            tc = tc.model_copy(update={"micro_batch_size": int(saved)})
+    with torch.device("meta"):  # parameter count and shapes only: no memory, no init
+        probe = GPT(model_cfg)
+    tc, plan = resolve_batch(tc, probe, model_cfg.block_size, runtime)
+    if plan and runtime.is_main:
+        print(f"batch: {plan.reason}")
+    return tc
+
+
 def run(cfg: Config, runtime: Runtime) -> dict:
     out = stage_dir(cfg.run_dir, "pretrain")
     tok = Tokenizer.load(_tokenizer_path(cfg))
     model_cfg = resolve_model_config(cfg, tok)
     src = resolve_input(cfg.input)
     ckpt_dir = out / "checkpoints"
+    cfg = cfg.model_copy(update={"train": _resolve_batch(cfg, model_cfg, ckpt_dir, runtime)})
     fingerprint = input_fingerprint(src)
     data_id = data_identity(cfg, fingerprint, runtime)
     # Every check that can refuse the run happens before anything in the run directory is (re)written.

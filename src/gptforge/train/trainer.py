@@ -34,8 +34,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_steps: int = Field(1000, gt=0, description="Optimizer steps to run.")
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass per process.")
+    micro_batch_size: int = Field(
+        16, ge=0, description="Sequences per forward pass per process; 0 = the largest that fits in memory."
+    )
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int = Field(
+        0, ge=0, description="Sequences per optimizer step over all processes; sets grad_accum. 0 = not used."
+    )
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final LR as a fraction of the peak.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")

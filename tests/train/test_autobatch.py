@@ -1,0 +1,75 @@
+"""Automatic batch settings: the plan's arithmetic against a hand-made memory budget, and the stages using it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gptforge.model.gpt import GPTConfig
+from gptforge.train.autobatch import GIB, estimate_bytes, plan_batch
+from tests.conftest import pretrain
+
+CFG = GPTConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256)
+N = 5_000_000
+
+
+def plan(free_gib: float, global_batch: int = 64, micro: int = 0, world: int = 1, accum: int = 1):
+    return plan_batch(CFG, N, 256, world, global_batch, micro, accum, int(free_gib * GIB))
+
+
+def test_estimate_is_states_plus_linear_in_the_micro_batch():
+    one, four = estimate_bytes(CFG, N, 1, 256, 4), estimate_bytes(CFG, N, 4, 256, 4)
+    assert one["states"] == four["states"] == 16 * N
+    assert four["activations"] == 4 * one["activations"] and four["logits"] == 4 * one["logits"]
+    assert estimate_bytes(CFG, N, 4, 256, 2)["activations"] == four["activations"] // 2  # bf16 activations
+
+
+def test_more_memory_gives_a_bigger_micro_batch_and_the_same_global_batch():
+    small, big = plan(0.3), plan(4.0)
+    assert small.micro_batch_size < big.micro_batch_size
+    for p in (small, big):
+        assert p.micro_batch_size * p.grad_accum == p.global_batch_size == 64
+        assert p.estimate_bytes <= p.budget_bytes  # it fits what it was given
+        # ... and the next power of two would not, unless the whole batch already fits in one pass.
+        if p.micro_batch_size < 64:
+            bigger = estimate_bytes(CFG, N, 2 * p.micro_batch_size, 256, 4)["total"]
+            assert bigger > p.budget_bytes
+    assert "global batch 64 sequences = micro-batch" in small.reason and "GiB" in small.reason
+
+
+def test_processes_share_the_global_batch_and_overrides_are_kept():
+    p = plan(4.0, global_batch=64, world=4)
+    assert p.micro_batch_size * p.grad_accum * 4 == 64 and "4 processes" in p.reason
+    p = plan(4.0, global_batch=64, micro=8)
+    assert (p.micro_batch_size, p.grad_accum) == (8, 8) and "override" in p.reason
+    p = plan(4.0, global_batch=0, micro=0, accum=3)  # no global target: only the micro-batch is chosen
+    assert p.grad_accum == 3 and p.micro_batch_size >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(free_gib=4.0, global_batch=64, micro=24), "not a multiple of train.micro_batch_size 24"),
+        (dict(free_gib=4.0, global_batch=30, world=4), "not divisible by the 4 processes"),
+        (dict(free_gib=0.01), "even a micro-batch of 1 sequence"),
+    ],
+)
+def test_impossible_requests_name_the_setting(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan(**kwargs)
+
+
+def test_pretrain_resolves_prints_and_saves_the_batch(tmp_path, corpus, tokenizer_run, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tokenizer_run / "tokenizer", run / "tokenizer")
+    rc = pretrain(run, corpus, "--train.max_steps=2", "--train.micro_batch_size=0", "--train.global_batch_size=8")
+    out = capsys.readouterr().out
+    assert rc == 0 and "batch: global batch 8 sequences = micro-batch" in out
+    saved = yaml.safe_load((run / "pretrain" / "config.yaml").read_text())["train"]
+    assert saved["micro_batch_size"] * saved["grad_accum"] == 8 and saved["global_batch_size"] == 0
+    # Resuming with the automatic setting keeps the checkpoint's micro-batch (and so its data order).
+    rc = pretrain(run, corpus, "--train.max_steps=3", "--train.micro_batch_size=0", "--train.global_batch_size=8",
+                  "--resume")  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
