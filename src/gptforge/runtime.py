@@ -25,6 +25,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    why: str = ""  # how `auto` device/dtype were resolved, for the log
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +48,7 @@ class Runtime:
         s = f"device={self.device} dtype={str(self.dtype).removeprefix('torch.')}"
         if self.distributed:
             s += f" rank={self.rank}/{self.world_size}"
-        return s
+        return f"{s} ({self.why})" if self.why else s
 
 
 def cpu_supports_bf16() -> bool:
@@ -103,7 +104,14 @@ def build_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend=backend)
-    return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank, world_size=world)
+    dt = pick_dtype(dtype, dev)
+    why = []
+    if device == "auto":
+        why.append(f"device auto: {'CUDA' if dev.type == 'cuda' else 'MPS' if dev.type == 'mps' else 'no CUDA or MPS'}")
+    if dtype == "auto":
+        native = "native bf16" if dt == torch.bfloat16 else "no native bf16, fp32"
+        why.append(f"dtype auto: {native} on this {'GPU' if dev.type == 'cuda' else dev.type.upper()}")
+    return Runtime(dev, dt, rank=rank, local_rank=local_rank, world_size=world, why="; ".join(why))
 
 
 def seed_everything(seed: int) -> None:
