@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
 from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train import checkpoint as ckpt_lib
+from gptforge.train import parallel
 from gptforge.train.metrics import MetricsLog, plot_losses
 from gptforge.train.optim import build_optimizer
 from gptforge.train.trainer import LoopState, TrainConfig, Trainer
@@ -50,6 +53,12 @@ class Config(BaseModel):
     overwrite: bool = Field(False, description="Delete this run's checkpoints and start over (never implied).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field("auto", description="Autocast dtype: auto (bf16 where fast), bfloat16 or float32.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp replicates the model, fsdp shards weights and optimizer state."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward pass: less memory, ~1/3 more compute."
+    )
     compile: bool = Field(
         False, description="torch.compile the model (pays off on GPU; little gain on small CPU runs)."
     )
@@ -88,6 +97,8 @@ def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
         "seed": cfg.seed,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "world_size": runtime.world_size,
+        # Only when set: checkpoints of DDP runs made before this key existed still resume.
+        **({"parallel": cfg.parallel} if cfg.parallel != "ddp" and runtime.world_size > 1 else {}),
     }
 
 
@@ -125,15 +136,24 @@ def make_evaluator(model: torch.nn.Module, val: TokenWindows, cfg: Config, runti
     want = cfg.train.eval_batches * cfg.train.micro_batch_size if cfg.train.eval_batches else n
     idx = np.unique(np.linspace(0, n - 1, num=min(want, n)).astype(np.int64))
     # Shard the windows over ranks; every rank's sum is all-reduced so all ranks see the same numbers.
+    micro = cfg.train.micro_batch_size
+    # FSDP gathers parameters inside every forward, so every rank must run as many batches as the busiest one.
+    lockstep = runtime.distributed and cfg.parallel == "fsdp"
+    n_batches = math.ceil(math.ceil(len(idx) / runtime.world_size) / micro)
     idx = idx[runtime.rank :: runtime.world_size]
     bytes_per_token = val.bytes / max(1, val.tokens)
 
     @torch.no_grad()
     def evaluate(_: LoopState) -> dict[str, float]:
         total = torch.zeros(2, dtype=torch.float64, device=runtime.device)
-        for b in range(0, len(idx), cfg.train.micro_batch_size):
-            data = torch.from_numpy(np.stack([val.window(int(i)) for i in idx[b : b + cfg.train.micro_batch_size]]))
-            data = data.to(runtime.device)
+        for b in range(0, n_batches * micro if lockstep else len(idx), micro):
+            part = idx[b : b + micro]
+            if len(part) == 0:  # lockstep filler: the forward keeps the collectives in step, its loss is unused
+                data = torch.from_numpy(val.window(0)[None]).to(runtime.device)
+                with runtime.autocast():
+                    model(data[:, :-1], data[:, 1:])
+                continue
+            data = torch.from_numpy(np.stack([val.window(int(i)) for i in part])).to(runtime.device)
             with runtime.autocast():
                 _, loss = model(data[:, :-1], data[:, 1:])
             total[0] += loss.double() * data[:, 1:].numel()
@@ -207,9 +227,6 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     # Same init on every rank, then per-rank RNG streams, so dropout masks differ across ranks (rank 0 keeps the
     # single-process stream).
     torch.manual_seed(cfg.seed + runtime.rank)
-    optimizer = build_optimizer(
-        model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps, runtime.device
-    )
     trainer_sd = None
     if resume_from:
         ckpt_lib.load_weights(resume_from, model)
@@ -222,14 +239,24 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         print(f"no committed checkpoint in {ckpt_dir}; starting from scratch")
 
     raw_model = model
+    fsdp = runtime.distributed and cfg.parallel == "fsdp"
+    if cfg.activation_checkpointing:
+        parallel.apply_activation_checkpointing(raw_model)
+    if fsdp:
+        parallel.shard_fsdp(raw_model)  # in place: the parameters become this rank's shards
     # Evaluation runs the (compiled) bare model: DDP's forward may broadcast buffers, a collective that would
-    # deadlock when a rank has no validation windows to run.
+    # deadlock when a rank has no validation windows to run. (FSDP's forward is collective too: the evaluator then
+    # runs the same number of batches on every rank.)
     eval_model = torch.compile(raw_model) if cfg.compile else raw_model
     model = eval_model
-    if runtime.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            eval_model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
+    if runtime.distributed and not fsdp:
+        model = parallel.wrap_ddp(eval_model, runtime)
+    # After sharding: FSDP2 replaces the parameters, and the optimizer must hold the sharded ones.
+    optimizer = build_optimizer(
+        raw_model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps,
+        runtime.device,
+    )  # fmt: skip
+    shadow: list[GPT] = []  # rank 0's plain copy that an FSDP checkpoint is written from, built on first save
 
     metrics = None
     if runtime.is_main:
@@ -244,7 +271,18 @@ def run(cfg: Config, runtime: Runtime) -> dict:
                 plot_losses(metrics.path, out / "loss.png")
 
     def save(state: LoopState, is_best: bool) -> None:
-        sd = {**trainer.state_dict(), "sampler": sampler.state_dict()}
+        module = raw_model
+        if fsdp:  # gather the full weights and optimizer state (collective); rank 0 writes them like 1 process would
+            weights = parallel.full_model_state(raw_model)
+            sd = {"optimizer": parallel.full_optimizer_state(raw_model, optimizer), "loop": asdict(state)}
+            if runtime.is_main:
+                shadow[:] = shadow or [GPT(model_cfg)]
+                missing, unexpected = shadow[0].load_state_dict(weights, strict=False)
+                assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+                module = shadow[0]
+        else:
+            sd = trainer.state_dict()
+        sd["sampler"] = sampler.state_dict()
         meta = {
             "model": model_cfg.model_dump(),
             "stage": "pretrain",
@@ -256,7 +294,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         path = ckpt_lib.save(
             ckpt_dir,
             state.step,
-            raw_model,
+            module,
             sd,
             meta,
             rng_state(),
@@ -288,7 +326,10 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         log=log,
         progress=cfg.progress,
     )
-    if trainer_sd:
+    if trainer_sd and fsdp:
+        parallel.load_full_optimizer_state(raw_model, optimizer, trainer_sd["optimizer"])
+        trainer.state = LoopState(**trainer_sd["loop"])
+    elif trainer_sd:
         trainer.load_state_dict(trainer_sd)
     n_params = raw_model.num_params()
     if runtime.is_main:

@@ -109,6 +109,9 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, last: bool) -> torch.Tensor:
         # DDP all-reduces gradients on every backward unless told not to; only the last micro-step needs it.
+        # FSDP2 (reduce-scatter) takes the same decision through a flag.
+        if hasattr(self.model, "set_requires_gradient_sync"):
+            self.model.set_requires_gradient_sync(last)
         sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
         with sync:
             with self.rt.autocast():
@@ -135,6 +138,8 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, error_if_nonfinite=False)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, reduced over the shards
+            grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
             self.opt.step()
