@@ -114,6 +114,36 @@ def build_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -
     return Runtime(dev, dt, rank=rank, local_rank=local_rank, world_size=world, why="; ".join(why))
 
 
+# Dense bf16 tensor-core peaks in FLOP/s from the vendors' data sheets (without sparsity), matched against the CUDA
+# device name; the first matching key wins, so the more specific names come first.
+BF16_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM / NVL
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def peak_flops(device: torch.device) -> tuple[float | None, str]:
+    """(bf16 peak FLOP/s of one device, its name); None where no peak is known (CPUs, unlisted GPUs): MFU is then not
+    reported rather than guessed."""
+    if device.type != "cuda":
+        return None, device.type
+    name = torch.cuda.get_device_name(device)
+    for key, flops in BF16_PEAK_FLOPS.items():
+        if key in name:
+            return flops, name
+    return None, name
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

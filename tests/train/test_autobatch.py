@@ -73,11 +73,3 @@ def test_pretrain_resolves_prints_and_saves_the_batch(tmp_path, corpus, tokenize
     rc = pretrain(run, corpus, "--train.max_steps=3", "--train.micro_batch_size=0", "--train.global_batch_size=8",
                   "--resume")  # fmt: skip
     assert rc == 0, capsys.readouterr().err
-
-
-def test_runtime_says_how_auto_was_resolved():
-    from gptforge.runtime import build_runtime
-
-    auto = build_runtime("auto", "auto").describe()
-    assert "device auto:" in auto and "dtype auto:" in auto
-    assert build_runtime("cpu", "float32").describe() == "device=cpu dtype=float32"

@@ -23,7 +23,7 @@ from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
 from gptforge.data.sampler import WindowSampler
 from gptforge.data.shards import TokenWindows, build_token_shards, input_fingerprint
 from gptforge.model.gpt import GPT, GPTConfig
-from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from gptforge.runtime import Runtime, peak_flops, rng_state, seed_everything, set_rng_state
 from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import parallel
@@ -264,7 +264,13 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         tb_dir = out / "tensorboard" if cfg.tensorboard else None
         metrics = MetricsLog(out / "metrics.jsonl", resume_step=resume_step, tensorboard_dir=tb_dir)
 
+    peak, _ = peak_flops(runtime.device)
+    flops_per_token = raw_model.flops_per_token()
+
     def log(record: dict) -> None:
+        if peak and record.get("tok_s"):
+            # Model FLOPs utilization (PaLM): achieved training FLOP/s over the bf16 peak of all devices in the run.
+            record["mfu"] = flops_per_token * record["tok_s"] / (peak * runtime.world_size)
         if metrics:
             metrics.write(record)
             if "val_loss" in record:
@@ -372,6 +378,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         "checkpoint": str(ckpt_lib.latest(ckpt_dir)),
         "best_checkpoint": str(ckpt_lib.best(ckpt_dir)),
     }
+    if peak:
+        summary["mfu"] = flops_per_token * summary["tokens_per_s"] / (peak * runtime.world_size)
     if runtime.is_main:
         plot_losses(out / "metrics.jsonl", out / "loss.png")
         write_json(out / "summary.json", summary)
