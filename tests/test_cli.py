@@ -129,6 +129,7 @@ def test_demo_pipeline_runs_end_to_end(capsys, tmp_path, corpus):
     assert (tmp_path / "demo" / "evaluate" / "chat" / "samples.jsonl").read_text().count("reply") == 4
     assert "compressed     int8" in out and (tmp_path / "demo" / "compress" / "int8" / "report.md").is_file()
     assert (tmp_path / "demo" / "export" / "hf" / "config.json").is_file()
+    assert "run report" in out and (tmp_path / "demo" / "report" / "report.html").is_file()
 
 
 def test_cli_edge_cases(capsys, trained_run):

@@ -24,6 +24,7 @@ STAGES = {
     "export": "gptforge.stages.export",
     "serve": "gptforge.stages.serve",
     "chat": "gptforge.stages.chat",
+    "report": "gptforge.stages.report",
     "demo": "gptforge.demo",
 }
 
@@ -43,6 +44,7 @@ stages:
   export      write a Hugging Face folder (--format hf) or a GGUF file for llama.cpp/Ollama (--format gguf)
   serve       OpenAI-compatible HTTP server with continuous batching: --ckpt DIR [--replicas N]
   chat        chat with a checkpoint (or a running server) in the terminal, streaming
+  report      one HTML and one Markdown page with every stage of a run: data, tokenizer, losses, metrics, ...
   demo        the whole default pipeline on the bundled sample corpus
 
 Every key of a stage's config can be set from YAML or a flag; `gptforge <stage> --help` lists them.

@@ -143,7 +143,11 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         f"{c.get('decode_speedup', float('nan')):.2f}x; report {Path(cfg.run_dir) / 'compress' / 'int8' / 'report.md'}"
     )
     print(f"exported       Hugging Face folder {exported['out']} ({exported['architecture']})")
+    from gptforge.report import build_report
+
+    page = build_report(Path(cfg.run_dir))
     print(f"total time     {time.perf_counter() - t0:.0f} s")
+    print(f"run report     {page['html']}  (and {page['md']}): every stage of this run on one page")
     out = {"clean": clean_stats, "tokenizer": tok_stats, "pretrain": summary, "generate": samples, **tuned}
     return {**out, "compress": shrunk, "export": exported}
 
