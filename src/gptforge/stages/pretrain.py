@@ -178,7 +178,7 @@ def _resolve_batch(cfg: Config, model_cfg: GPTConfig, ckpt_dir: Path, runtime: R
             tc = tc.model_copy(update={"micro_batch_size": int(saved)})
     with torch.device("meta"):  # parameter count and shapes only: no memory, no init
         probe = GPT(model_cfg)
-    tc, plan = resolve_batch(tc, probe, model_cfg.block_size, runtime)
+    tc, plan = resolve_batch(tc, probe, model_cfg.block_size, runtime, sharded=cfg.parallel == "fsdp")
     if plan and runtime.is_main:
         print(f"batch: {plan.reason}")
     return tc

@@ -127,15 +127,18 @@ def plan_batch(
     return BatchPlan(micro, accum, total, est(micro)["total"], budget, reason)
 
 
-def resolve_batch(train_cfg, model: torch.nn.Module, seq_len: int, runtime) -> tuple[object, BatchPlan | None]:
+def resolve_batch(
+    train_cfg, model: torch.nn.Module, seq_len: int, runtime, sharded: bool = False
+) -> tuple[object, BatchPlan | None]:
     """(train config with concrete micro_batch_size and grad_accum, the plan or None when nothing was automatic).
-    Used by pretraining and fine-tuning before any data is drawn; the resolved values are what gets saved."""
+    Used by pretraining and fine-tuning before any data is drawn; the resolved values are what gets saved.
+    `sharded`: FSDP keeps 1/world of the weights, gradients and optimizer states on each process."""
     if not train_cfg.global_batch_size and train_cfg.micro_batch_size:
         return train_cfg, None
     gpt = getattr(model, "gpt", model)
     plan = plan_batch(
         gpt.config,
-        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters()) // (runtime.world_size if sharded else 1),
         seq_len,
         runtime.world_size,
         train_cfg.global_batch_size,
