@@ -427,14 +427,9 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         )
     init = cfg.init or str(Path(cfg.run_dir) / "pretrain")
     base = load_base(init, cfg.tokenizer, cfg.block_size)
-    if cfg.resume and cfg.train.micro_batch_size == 0 and newest:
-        saved = ckpt_lib.read_meta(newest).get("data", {}).get("train.micro_batch_size")  # keep the data order
-        if saved:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"micro_batch_size": int(saved)})})
-    train, plan = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime)
+    resumed = newest if cfg.resume else None
+    train, _ = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime, resume_from=resumed)
     cfg = cfg.model_copy(update={"train": train})
-    if plan and runtime.is_main:
-        print(f"batch: {plan.reason}")
     tok = base.tokenizer
     prep = tasks.prepare(cfg, tok, base.model.config.block_size)
     out.mkdir(parents=True, exist_ok=True)

@@ -167,21 +167,13 @@ def make_evaluator(model: torch.nn.Module, val: TokenWindows, cfg: Config, runti
 
 
 def _resolve_batch(cfg: Config, model_cfg: GPTConfig, ckpt_dir: Path, runtime: Runtime):
-    """train.global_batch_size / micro_batch_size 0 -> concrete values (printed with the reason). A resumed run
-    keeps the micro-batch its checkpoints were made with: free memory differs between starts, the data order may not."""
+    """train.global_batch_size / micro_batch_size 0 -> concrete values (see gptforge.train.autobatch)."""
     from gptforge.train.autobatch import resolve_batch
 
-    tc = cfg.train
-    if cfg.resume and tc.micro_batch_size == 0 and (newest := ckpt_lib.latest(ckpt_dir)):
-        saved = ckpt_lib.read_meta(newest).get("data", {}).get("train.micro_batch_size")
-        if saved:
-            tc = tc.model_copy(update={"micro_batch_size": int(saved)})
     with torch.device("meta"):  # parameter count and shapes only: no memory, no init
         probe = GPT(model_cfg)
-    tc, plan = resolve_batch(tc, probe, model_cfg.block_size, runtime, sharded=cfg.parallel == "fsdp")
-    if plan and runtime.is_main:
-        print(f"batch: {plan.reason}")
-    return tc
+    resumed = ckpt_lib.latest(ckpt_dir) if cfg.resume else None
+    return resolve_batch(cfg.train, probe, model_cfg.block_size, runtime, cfg.parallel == "fsdp", resumed)[0]
 
 
 def run(cfg: Config, runtime: Runtime) -> dict:

@@ -18,6 +18,7 @@ is chosen. Free memory: `torch.cuda.mem_get_info` on CUDA, MPS's recommended wor
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -128,11 +129,18 @@ def plan_batch(
 
 
 def resolve_batch(
-    train_cfg, model: torch.nn.Module, seq_len: int, runtime, sharded: bool = False
+    train_cfg, model: torch.nn.Module, seq_len: int, runtime, sharded: bool = False, resume_from: Path | None = None
 ) -> tuple[object, BatchPlan | None]:
-    """(train config with concrete micro_batch_size and grad_accum, the plan or None when nothing was automatic).
-    Used by pretraining and fine-tuning before any data is drawn; the resolved values are what gets saved.
-    `sharded`: FSDP keeps 1/world of the weights, gradients and optimizer states on each process."""
+    """(train config with concrete micro_batch_size and grad_accum, the plan or None when nothing was automatic),
+    printed with its reason on rank 0. Used by pretraining and fine-tuning before any data is drawn; the resolved
+    values are what gets saved. `sharded`: FSDP keeps 1/world of the weights, gradients and optimizer states on each
+    process. `resume_from`: the checkpoint a run resumes from; an automatic micro-batch then takes its value (free
+    memory differs between starts; the data order must not)."""
+    if train_cfg.micro_batch_size == 0 and resume_from is not None:
+        from gptforge.train.checkpoint import read_meta
+
+        if saved := read_meta(resume_from).get("data", {}).get("train.micro_batch_size"):
+            train_cfg = train_cfg.model_copy(update={"micro_batch_size": int(saved)})
     if not train_cfg.global_batch_size and train_cfg.micro_batch_size:
         return train_cfg, None
     gpt = getattr(model, "gpt", model)
@@ -148,5 +156,7 @@ def resolve_batch(
         act_bytes=2 if runtime.dtype != torch.float32 else 4,
         device=str(runtime.device),
     )
+    if runtime.is_main:
+        print(f"batch: {plan.reason}")
     update = {"micro_batch_size": plan.micro_batch_size, "grad_accum": plan.grad_accum, "global_batch_size": 0}
     return train_cfg.model_copy(update=update), plan
