@@ -30,10 +30,8 @@ import argparse
 import contextlib
 import copy
 import io
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +40,8 @@ from benchlib import cpu_snapshot, fmt_share, foreign_share, machine_facts, publ
 
 from gptforge.cli import main as cli
 from gptforge.compress.quantize import quantize_model
-from gptforge.compress.report import lm_quality
+from gptforge.compress.report import decode_speeds, lm_quality
 from gptforge.data.shards import TokenWindows
-from gptforge.engine import Engine, SamplingParams
 from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.runtime import Runtime
 from gptforge.train.models import load_for_inference
@@ -71,24 +68,6 @@ SCALE = GPTConfig(
 )  # fmt: skip  (bench/decode.py's llama-40M)
 GOALS = {"int8": {"size_ratio": 0.27, "ppl_delta_pct": 1.0, "decode_speedup": 1.5}, "int4": {"size_ratio": 0.16,
          "ppl_delta_pct": 5.0}}  # fmt: skip
-
-
-def decode_runs(models: dict[str, torch.nn.Module], vocab: int, new_tokens: int, repeats: int) -> dict[str, float]:
-    """Median batch-1 greedy decode tokens/s per model, runs interleaved across models."""
-    prompt = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    engines = {k: Engine(m, max_batch_size=1, max_seq_len=16 + new_tokens, vocab_limit=vocab)
-               for k, m in models.items()}  # fmt: skip
-    for e in engines.values():
-        e.generate([prompt], params)  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(repeats):
-        for k, e in engines.items():
-            t0 = time.perf_counter()
-            out = e.generate([prompt], params)
-            times[k].append(time.perf_counter() - t0)
-            assert len(out[0]) == new_tokens
-    return {k: new_tokens / statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
             sizes[name] = (Path(m["checkpoint"]) / "model.safetensors").stat().st_size
         with torch.inference_mode():
             quality = {k: lm_quality(m, rows, bpt, runtime) for k, m in models.items()}
-            speed = decode_runs(models, tok.vocab_size, args.new_tokens, args.repeats)
+            speed = decode_speeds(models, tok.vocab_size, args.new_tokens, repeats=args.repeats)
     res: dict = {"model": args.ckpt, "params": base.num_params(), "eval_tokens": int(rows[1].size)}
     for k in models:
         res[k] = {
@@ -148,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             scaled[scheme] = copy.deepcopy(big)
             quantize_model(scaled[scheme], scheme, group_size=64)
         with torch.inference_mode():
-            sp = decode_runs(scaled, SCALE.vocab_size, args.new_tokens, args.repeats)
+            sp = decode_speeds(scaled, SCALE.vocab_size, args.new_tokens, repeats=args.repeats)
         res["scale_40M"] = {"params": big.num_params(), **{k: {"decode_tok_s": v, "decode_speedup": v / sp["fp32"]}
                                                           for k, v in sp.items()}}  # fmt: skip
     res["goals"] = {

@@ -32,26 +32,42 @@ def file_size(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(
-    model: torch.nn.Module, vocab_limit: int, new_tokens: int = 64, prompt_tokens: int = 16, repeats: int = 3
-) -> float:
-    """Median tokens/s of batch-1 greedy decoding with the serving engine (prefill included, EOS ignored)."""
+def decode_speeds(
+    models: dict[str, torch.nn.Module],
+    vocab_limit: int,
+    new_tokens: int = 64,
+    prompt_tokens: int = 16,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Median tokens/s of batch-1 greedy decoding with the serving engine (prefill included, EOS ignored), per model.
+    Timed runs are interleaved across the models (A B C, A B C, ...) so drift of a shared machine hits all alike."""
     from gptforge.engine import Engine, SamplingParams
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab_limit, (prompt_tokens,), generator=gen).tolist()
-    block = model.config.block_size
+    block = min(m.config.block_size for m in models.values())
     new_tokens = max(1, min(new_tokens, block - prompt_tokens))
-    engine = Engine(model, max_batch_size=1, max_seq_len=prompt_tokens + new_tokens, vocab_limit=vocab_limit)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    engine.generate([prompt], params)  # warm-up: allocations, packed kernels, thread pools
-    times = []
+    engines = {
+        k: Engine(m, max_batch_size=1, max_seq_len=prompt_tokens + new_tokens, vocab_limit=vocab_limit)
+        for k, m in models.items()
+    }
+    for e in engines.values():
+        e.generate([prompt], params)  # warm-up: allocations, packed kernels, thread pools
+    times: dict[str, list[float]] = {k: [] for k in engines}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = engine.generate([prompt], params)
-        times.append(time.perf_counter() - t0)
-    assert len(out[0]) == new_tokens  # the timed call really produced every token
-    return new_tokens / statistics.median(times)
+        for k, e in engines.items():
+            t0 = time.perf_counter()
+            out = e.generate([prompt], params)
+            times[k].append(time.perf_counter() - t0)
+            assert len(out[0]) == new_tokens  # the timed call really produced every token
+    return {k: new_tokens / statistics.median(v) for k, v in times.items()}
+
+
+def decode_tokens_per_s(
+    model: torch.nn.Module, vocab_limit: int, new_tokens: int = 64, prompt_tokens: int = 16, repeats: int = 3
+) -> float:
+    return decode_speeds({"model": model}, vocab_limit, new_tokens, prompt_tokens, repeats)["model"]
 
 
 def lm_quality(model: torch.nn.Module, rows: tuple[np.ndarray, np.ndarray], bytes_per_token: float, runtime: Runtime):
