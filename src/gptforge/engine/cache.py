@@ -40,7 +40,15 @@ class SlotKVCache:
         """A view for one new token per row 0..B-1, row i at absolute position positions[i]."""
         if len(positions) > self.max_slots or max(positions) >= self.max_len:
             raise ValueError(f"decode at positions up to {max(positions)} exceeds the cache")
-        return _DecodeView(self, positions)
+        return _DecodeView(self, torch.tensor(positions, device=self.device), max(positions) + 1)
+
+    def decode_static(self, positions: torch.Tensor, S: int) -> _DecodeView:
+        """The same step with shapes fixed up front: positions is a (B,) device tensor whose *values* may change
+        between calls (a CUDA graph replays with new ones), and keys 0..S-1 are read whatever the positions are,
+        S >= every position + 1. Nothing here reads a value on the host, so the step can be captured."""
+        if positions.numel() > self.max_slots or S > self.max_len:
+            raise ValueError(f"static decode of {positions.numel()} rows x {S} keys exceeds the cache")
+        return _DecodeView(self, positions, S)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot src into slot dst (compaction after a request leaves)."""
@@ -70,19 +78,18 @@ class _PrefillView:
 
 
 class _DecodeView:
-    def __init__(self, cache: SlotKVCache, positions: list[int]) -> None:
-        self.cache = cache
-        self.B, self.S = len(positions), max(positions) + 1
-        dev = cache.device
-        self.rows = torch.arange(self.B, device=dev)
-        self.pos = torch.tensor(positions, device=dev)  # (B,)
-        # (B, 1, 1, S): row i sees keys 0..pos_i; longer rows' extra keys are masked for shorter ones.
-        self.mask = (torch.arange(self.S, device=dev)[None] <= self.pos[:, None])[:, None, None]
+    def __init__(self, cache: SlotKVCache, pos: torch.Tensor, S: int) -> None:
+        self.cache, self.pos, self.S = cache, pos, S  # pos (B,) absolute position of each row's new token
+        self.B = pos.numel()
+        self.rows = torch.arange(self.B, device=cache.device)
 
     def prepare(self, T: int, device):
         if T != 1:
             raise ValueError(f"a decode step feeds one token per row, got {T}")
-        return self.pos[:, None], self.mask, self.S  # positions (B, 1)
+        # (B, 1, 1, S): row i sees keys 0..pos_i; longer rows' extra keys (and a static step's padding up to S)
+        # are masked. Built here from the position tensor, so a captured step rebuilds it from new values.
+        mask = (torch.arange(self.S, device=self.pos.device)[None] <= self.pos[:, None])[:, None, None]
+        return self.pos[:, None], mask, self.S  # positions (B, 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         # k, v (B, K, 1, D) -> written at (row i, position pos_i); returns the (B, K, S, D) views.

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptforge.engine.cache import SlotKVCache
+from gptforge.engine.graphs import GraphDecoder
 from gptforge.engine.sampling import SamplingParams, apply_penalties, sample_rows
 from gptforge.model.gpt import GPT
 
@@ -66,7 +67,9 @@ class Engine:
         device=None,
         dtype=None,
         max_prefill_tokens: int = 4096,
+        cuda_graphs: bool | None = None,
     ) -> None:
+        """cuda_graphs: replay each decode step as a CUDA graph (see `graphs.py`); None = on for a CUDA device."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         p = next(model.parameters())
@@ -81,6 +84,9 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.cache = SlotKVCache(cfg, max_batch_size, self.max_seq_len, self.device, self.dtype)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        self.graphs = GraphDecoder(model, self.cache, capture=True) if cuda_graphs else None
         # Penalty state per slot: generated-token counts (presence/frequency) and prompt-or-output membership
         # (repetition). Allocated lazily: most traffic never uses penalties and V x slots floats is not free.
         self._counts: torch.Tensor | None = None
@@ -221,9 +227,11 @@ class Engine:
         for r in self.running[:n]:
             if r.output:
                 tokens[r.slot], positions[r.slot] = r.output[-1], r.length - 1
-        idx = torch.tensor(tokens, device=self.device).view(n, 1)
-        view = self.cache.decode(positions)
-        logits = self.model(idx, cache=view)[0][:, -1]  # (n, V)
+        if self.graphs is not None:
+            logits = self.graphs(tokens, positions)  # (n, V)
+        else:
+            idx = torch.tensor(tokens, device=self.device).view(n, 1)
+            logits = self.model(idx, cache=self.cache.decode(positions))[0][:, -1]  # (n, V)
         if len(reqs) < n:
             logits = logits[torch.tensor([r.slot for r in reqs], device=self.device)]
         self._sample(reqs, logits, finished)

@@ -357,6 +357,7 @@ def build_local_service(
     max_waiting: int = 64,
     device=None,
     dtype=None,
+    cuda_graphs: bool | None = None,
 ) -> Service:
     """Engine + AsyncEngine + Service for a loaded model (the thread starts with `service.engine.start()`).
     Generation stops at the tokenizer's end-of-text and end-of-turn tokens, and never samples an id past the
@@ -370,5 +371,6 @@ def build_local_service(
         eos_ids=stop_ids(tok),
         device=device,
         dtype=dtype,
+        cuda_graphs=cuda_graphs,
     )
     return Service(AsyncEngine(engine, max_waiting=max_waiting), tok, settings)

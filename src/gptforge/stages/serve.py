@@ -54,6 +54,9 @@ class Config(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field("float32", description="Weights and KV cache dtype: float32, bfloat16 or auto.")
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 = torch's default.")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="Replay decode steps as CUDA graphs (fewer kernel launches); auto = on for a CUDA device."
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -147,6 +150,7 @@ def build_app(cfg: Config, keys: list[str], runtime=None):
         max_waiting=cfg.max_waiting,
         device=runtime.device,
         dtype=runtime.dtype,
+        cuda_graphs=None if cfg.cuda_graphs == "auto" else cfg.cuda_graphs == "on",
     )
     app = create_app(
         service,
