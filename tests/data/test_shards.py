@@ -164,3 +164,29 @@ def test_relative_input_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert input_fingerprint("data") == input_fingerprint(tmp_path / "data")
     assert [d.source for d in read_documents("data")] == ["a.jsonl:1"]
+
+
+def test_a_step_reads_the_same_windows_whatever_the_world_size(corpus, tok, tmp_path):
+    """2 ranks x 4 per micro-batch, 2 x 2 with accumulation 2, and 1 x 4 with accumulation 4: every optimizer step
+    reads the same 16 windows, across epoch ends too; a state saved at one split resumes at another."""
+    build_token_shards(corpus, tok, tmp_path / "t", piece_chars=1000)
+    windows = TokenWindows(tmp_path / "t", "train", 32)
+    assert len(windows) % 16, "the epoch tail must be uneven for the test to mean something"
+
+    def steps(micro, world, accum, n_steps, state=None):
+        ranks = [WindowSampler(windows, micro, 3, r, world, accum) for r in range(world)]
+        if state:
+            for s in ranks:
+                s.load_state_dict(state)
+        out = []
+        for _ in range(n_steps):
+            out.append(sorted(x.tolist() for _ in range(accum) for s in ranks for x in s.next_batch()[0]))
+        return out, ranks[0].state_dict()
+
+    n = 2 * len(windows) // 16 + 3  # more than two epochs
+    ref, _ = steps(4, 2, 2, n)
+    assert steps(8, 2, 1, n)[0] == ref and steps(4, 1, 4, n)[0] == ref
+    half, state = steps(8, 2, 1, n // 2)
+    assert half + steps(4, 1, 4, n - n // 2, state)[0] == ref
+    with pytest.raises(ValueError, match="windows per step=16, this run has seed=3 windows per step=8"):
+        WindowSampler(windows, 4, 3, accum=2).load_state_dict(state)

@@ -4,6 +4,11 @@ Order is a pure function of (seed, epoch): each epoch is a fresh permutation of 
 integers (epoch, cursor), saved in every checkpoint, so a resumed run continues with exactly the batch it would have
 drawn next. With several ranks, one global micro-batch is `batch_size * world_size` consecutive entries of the
 permutation and rank r takes its r-th slice: the same global batches as one process with gradient accumulation.
+
+WindowSampler goes one step further: an optimizer step always takes the next `batch_size * world_size * accum`
+windows, and an epoch ends when fewer than that many remain. So its state means the same thing for any split of a
+step into processes and micro-batches, and a checkpoint resumes at another world size (2 GPUs -> 4, or -> 1 with
+more accumulation) on exactly the windows the original run would have read, as long as the step's batch is the same.
 """
 
 from __future__ import annotations
@@ -24,14 +29,18 @@ class SamplerState:
 
 
 class WindowSampler:
-    def __init__(self, windows: TokenWindows, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, windows: TokenWindows, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, accum: int = 1
+    ):
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.rank, self.world_size = rank, world_size
-        self.global_batch = batch_size * world_size
-        if len(windows) < self.global_batch:
+        self.global_batch = batch_size * world_size  # one micro-step over all ranks
+        self.step_batch = self.global_batch * accum  # one optimizer step
+        if len(windows) < self.step_batch:
             raise DataError(
-                f"only {len(windows)} training windows of {windows.seq_len + 1} tokens, fewer than one micro-batch "
-                f"of {self.global_batch}; lower train.micro_batch_size or model.block_size, or add text"
+                f"only {len(windows)} training windows of {windows.seq_len + 1} tokens, fewer than one optimizer "
+                f"step's {self.step_batch} ({batch_size} per micro-batch x {world_size} processes x {accum} "
+                "accumulation); lower train.micro_batch_size, train.grad_accum or model.block_size, or add text"
             )
         self.state = SamplerState()
         self._perm_epoch = -1
@@ -45,8 +54,9 @@ class WindowSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) int64 tensors of shape (B, T): y is x shifted by one token."""
-        if self.state.cursor + self.global_batch > len(self.windows):
-            # The epoch tail shorter than a global batch is skipped, never split across epochs.
+        cursor = self.state.cursor
+        if cursor % self.step_batch == 0 and cursor + self.step_batch > len(self.windows):
+            # At a step's start: an epoch tail shorter than a step is skipped, a step never spans two epochs.
             self.state = SamplerState(self.state.epoch + 1, 0)
         perm = self._permutation(self.state.epoch)
         start = self.state.cursor + self.rank * self.batch_size
@@ -56,14 +66,19 @@ class WindowSampler:
         return data[:, :-1], data[:, 1:]
 
     def state_dict(self) -> dict:
-        return {**asdict(self.state), "seed": self.seed, "global_batch": self.global_batch}
+        return {**asdict(self.state), "seed": self.seed, "step_batch": self.step_batch}
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd["seed"] != self.seed or sd["global_batch"] != self.global_batch:
+        # Checkpoints written before `step_batch` existed hold the micro-step batch as `global_batch`.
+        theirs = sd.get("step_batch", sd.get("global_batch"))
+        ours = self.step_batch if "step_batch" in sd else self.global_batch
+        if sd["seed"] != self.seed or theirs != ours:
             raise ValueError(
-                f"data sampler mismatch: checkpoint has seed={sd['seed']} global micro-batch={sd['global_batch']}, "
-                f"this run has seed={self.seed} global micro-batch={self.global_batch}"
+                f"data sampler mismatch: checkpoint has seed={sd['seed']} windows per step={theirs}, "
+                f"this run has seed={self.seed} windows per step={ours}"
             )
+        if int(sd["cursor"]) % self.global_batch:
+            raise ValueError(f"data sampler cursor {sd['cursor']} is not at a micro-step of {self.global_batch}")
         self.state = SamplerState(int(sd["epoch"]), int(sd["cursor"]))
 
 
