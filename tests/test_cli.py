@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -146,3 +148,48 @@ def test_cli_edge_cases(capsys, trained_run):
     assert rc == 0
     rc, _, err = run_cli(capsys, "pretrain", "--config=")
     assert rc == 2 and "--config needs a file path" in err
+
+
+# Runs in a fresh interpreter: this test process has long since imported torch. argv[1] is a scratch folder.
+NO_TORCH_SCRIPT = """
+import json, sys
+from pathlib import Path
+
+from gptforge.cli import main
+from gptforge.stages import report
+
+tmp = Path(sys.argv[1])
+(tmp / "run").mkdir()
+(tmp / "run" / "ledger.jsonl").write_text(json.dumps({"stage": "clean", "status": "ok", "metrics": {}}) + "\\n")
+(tmp / "text").mkdir()
+(tmp / "text" / "a.txt").write_text("one line of text that is long enough to keep.\\n" * 3)
+rcs = [
+    main(["report", "--help"]),
+    main(["report", f"--run_dir={tmp / 'missing'}"]),  # a user error: the error tuple is built
+    main(["report", f"--run_dir={tmp / 'run'}"]),
+    main(["clean", f"--run_dir={tmp / 'run'}", f"--input={tmp / 'text'}", "--workers=1", "--progress=false"]),
+]
+print(json.dumps({"rcs": rcs, "torch": sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))}))
+
+
+def diverges(cfg, runtime=None):  # a stage that imports the trainer inside run() and fails there
+    from gptforge.train.trainer import NonFiniteError
+
+    raise NonFiniteError("loss is nan at step 3")
+
+
+report.run = diverges
+print(json.dumps({"rcs": [main(["report", f"--run_dir={tmp / 'run'}"])]}))
+"""
+
+
+def test_stages_without_torch_never_import_it(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = (json.loads(line) for line in out.stdout.splitlines() if line.startswith("{"))
+    assert first == {"rcs": [0, 2, 0, 0], "torch": []}, out.stderr
+    assert (tmp_path / "run" / "report" / "report.html").is_file() and (tmp_path / "run" / "clean").is_dir()
+    # An error class whose module the stage imported only while running is still a user error (one line, status 2).
+    assert second == {"rcs": [2]} and "gptforge report: error: loss is nan at step 3" in out.stderr

@@ -51,13 +51,24 @@ Every key of a stage's config can be set from YAML or a flag; `gptforge <stage> 
 """
 
 
+# Error classes of modules that import torch: (module, class name). Looked up in sys.modules, never imported here.
+_TORCH_ERRORS = (("gptforge.train.checkpoint", "CheckpointError"), ("gptforge.train.trainer", "NonFiniteError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the user's input is wrong": one line and status 2 instead of a traceback.
+
+    Importing checkpoint.py or trainer.py to name their errors would import torch, which the data stages
+    (NEEDS_TORCH = False: clean, augment, report, ...) never need and may not have installed. An error class can only
+    have been raised if its module was imported, so those are taken from sys.modules when loaded and left out
+    otherwise. Call this while handling the exception (in the `except` clause itself), not before the stage runs:
+    a stage may import them lazily inside run() (chat loads a checkpoint only for --ckpt).
+    """
     from gptforge.config import ConfigError
     from gptforge.data.readers import DataError
-    from gptforge.train.checkpoint import CheckpointError
-    from gptforge.train.trainer import NonFiniteError
 
-    return ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError, ValueError
+    loaded = (getattr(sys.modules.get(mod), name, None) for mod, name in _TORCH_ERRORS)
+    return ConfigError, DataError, *(e for e in loaded if e is not None), FileNotFoundError, ValueError
 
 
 def describe_fields(model, defaults: dict | None = None, prefix: str = "") -> list[str]:
@@ -132,18 +143,18 @@ def main(argv: list[str] | None = None) -> int:
                     return 2
                 break
     from gptforge.config import load
-    from gptforge.runtime import build_runtime
 
-    errors = _user_errors()
     try:
         cfg = load(module.Config, config_file, rest)
         runtime = None
         if getattr(module, "NEEDS_TORCH", True):  # the data stages never import torch (and start faster)
+            from gptforge.runtime import build_runtime  # imports torch: only here
+
             runtime = build_runtime(
                 getattr(cfg, "device", "auto"), getattr(cfg, "dtype", "auto"), getattr(cfg, "threads", 0)
             )
         module.run(cfg, runtime)
-    except errors as e:
+    except _user_errors() as e:  # evaluated only when an exception reaches it: sees what the stage imported
         print(f"gptforge {stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,25 +2,23 @@
 
 Reads whatever the stages left (ledger.jsonl, clean/, augment/, tokenizer/, pretrain/, finetune/*/, evaluate/*/,
 generate/, compress/*/, export/, serve/) and writes one section per stage present, in pipeline order, plus its own
-loss plots. No stage imports this module: the report is a view over files, so it can be rendered again at any time,
-on another machine, from a copied run folder.
+loss plots. No other stage imports this module: the report is a view over files, so it can be rendered again at any
+time, on another machine, from a copied run folder.
+
+This module collects: it reads the files and builds the page as a small list of blocks (heading, paragraph, table,
+image, link, code, sample); `gptforge.report_render` writes those blocks out as Markdown and as self-contained HTML
+(and holds the escaping and inlining trade-offs).
 
 Trade-offs:
-- Sections are built once as a small list of blocks (heading, paragraph, table, image, link, code, sample) and
-  rendered twice, so the Markdown and the HTML cannot drift apart.
-- The HTML carries its CSS inline and every image as a base64 data URI: bigger than linked files, but one file that
-  can be mailed and opened offline. The Markdown links images relatively instead.
+- Sections are built once as blocks and rendered twice, so the Markdown and the HTML cannot drift apart; numbers
+  are formatted here (`fmt`), once, so both pages show the same digits.
 - A missing stage is an absent section; a malformed file becomes a warning naming the file, never a crash: a report
   is most needed for the run that went wrong.
-- Every piece of user text (labels, prompts, samples, paths) is escaped in both pages: samples are model output and
-  can contain anything, `<script>` included.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import html
 import json
 import math
 import os
@@ -29,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from gptforge.artifacts import atomic_write_text
+from gptforge.report_render import Block, render_html, render_markdown
 
 STAGE_DIRS = ("clean", "augment", "tokenizer", "pretrain", "finetune", "evaluate", "generate", "compress", "export")
 # Ledger headline: the first three of these keys (dotted paths into a stage's metrics) that the stage reported.
@@ -55,19 +53,6 @@ COMPRESS_COLS = (
 )  # fmt: skip
 MAX_SAMPLES = 3  # per evaluation or fine-tuning run; the generate stage's prompts are all shown, up to 8
 MAX_SAMPLE_CHARS = 600
-NUM = ' class="num"'  # numbers align right
-NUMBER = re.compile(r"^[+-]?[\d,]*\.?\d+(e[+-]?\d+)?( %|x| MB)?$")
-CSS = """body{font-family:system-ui,-apple-system,"Segoe UI","PingFang SC","Hiragino Sans GB","Microsoft YaHei",
-"Noto Sans CJK SC","Source Han Sans SC",sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:3px 8px;vertical-align:top}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
-pre{background:#f6f8fa;padding:.5em;white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,Menlo,
-Consolas,"Noto Sans Mono CJK SC","WenQuanYi Micro Hei Mono","Microsoft YaHei",monospace}nav a{margin-right:1em}
-.warn{background:#fff4e5;border:1px solid #f0b429;padding:.5em 1em}h2{border-bottom:1px solid #ddd}
-.sample{border-left:3px solid #ccc;padding-left:.8em;margin:.8em 0}.lbl{font-weight:bold;color:#555}"""
-
-Block = tuple  # ("h", level, text, anchor) | ("p", text) | ("table", headers, rows) | ("img", path, caption)
-#              | ("link", text, path) | ("pre", text) | ("sample", [(label, text), ...]) | ("warn", [text, ...])
 
 
 @dataclass
@@ -454,82 +439,6 @@ def _plot_losses(ctx: _Ctx, rows: list[dict], stem: str) -> Path | None:
     return png
 
 
-# ---------------------------------------------------------------- rendering
-
-
-def _md(s: Any, cell: bool = False) -> str:
-    # Markdown viewers render raw HTML, so user text is entity-escaped here too (entities display as the characters).
-    text = html.escape(str(s), quote=False)
-    return text.replace("|", "\\|").replace("\n", "<br>") if cell else text
-
-
-def _fence(text: str) -> str:
-    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)  # the fence outlasts any backtick run inside
-    f = "`" * max(3, longest + 1)
-    return f"{f}text\n{text}\n{f}"
-
-
-def _href(ctx: _Ctx, path: Path) -> str:
-    return quote(Path(os.path.relpath(path, ctx.out)).as_posix())
-
-
-def render_markdown(ctx: _Ctx, title: str, blocks: list[Block]) -> str:
-    out = [f"# {_md(title)}"]
-    for kind, *a in blocks:
-        if kind == "h":
-            out.append(f"{'#' * a[0]} {_md(a[1])}")
-        elif kind == "p":
-            out.append(_md(a[0]))
-        elif kind == "table":
-            lines = ["| " + " | ".join(_md(c, True) for c in row) + " |" for row in [a[0], *a[1]]]
-            out.append("\n".join([lines[0], "|" + "---|" * len(a[0]), *lines[1:]]))
-        elif kind in ("img", "link"):
-            text, path = (a[1], a[0]) if kind == "img" else a
-            out.append(f"{'!' if kind == 'img' else ''}[{_md(text)}]({_href(ctx, path)})")
-        elif kind == "pre":
-            out.append(_fence(a[0]))
-        elif kind == "sample":
-            out.append("\n\n".join(f"**{_md(label)}**\n\n{_fence(text)}" for label, text in a[0]))
-        elif kind == "warn":
-            out.append("\n".join(f"- {_md(w)}" for w in a[0]))
-    return "\n\n".join(out) + "\n"
-
-
-def render_html(ctx: _Ctx, title: str, blocks: list[Block]) -> str:
-    e = html.escape
-    nav = " ".join(f'<a href="#{e(b[3])}">{e(b[2])}</a>' for b in blocks if b[0] == "h" and b[1] == 2)
-    out = [f"<h1>{e(title)}</h1>", f"<nav>{nav}</nav>"]
-    for kind, *a in blocks:
-        if kind == "h":
-            anchor = f' id="{e(a[2])}"' if a[2] else ""
-            out.append(f"<h{a[0]}{anchor}>{e(a[1])}</h{a[0]}>")
-        elif kind == "p":
-            out.append(f"<p>{e(a[0])}</p>")
-        elif kind == "table":
-            cell = lambda c: f"<td{NUM if NUMBER.match(c) else ''}>{e(c)}</td>"  # noqa: E731
-            body = "".join("<tr>" + "".join(cell(str(c)) for c in row) + "</tr>" for row in a[1])
-            head = "".join(f"<th>{e(str(h))}</th>" for h in a[0])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "img":
-            try:
-                src = "data:image/png;base64," + base64.b64encode(a[0].read_bytes()).decode()
-                out.append(f'<figure><img src="{src}" alt="{e(a[1])}"><figcaption>{e(a[1])}</figcaption></figure>')
-            except OSError as err:
-                out.append(f"<p>(image {e(ctx.rel(a[0]))} unreadable: {e(str(err))})</p>")
-        elif kind == "link":
-            out.append(f'<p><a href="{e(_href(ctx, a[1]))}">{e(a[0])}</a></p>')
-        elif kind == "pre":
-            out.append(f"<pre>{e(a[0])}</pre>")
-        elif kind == "sample":
-            inner = "".join(f'<div class="lbl">{e(label)}</div><pre>{e(text)}</pre>' for label, text in a[0])
-            out.append(f'<div class="sample">{inner}</div>')
-        elif kind == "warn":
-            out.append('<div class="warn"><ul>' + "".join(f"<li>{e(w)}</li>" for w in a[0]) + "</ul></div>")
-    head = f'<meta charset="utf-8"><meta name="viewport" content="width=device-width"><title>{e(title)}</title>'
-    body = "\n".join(out)
-    return f"<!DOCTYPE html>\n<html><head>{head}<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
-
-
 def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
     """Write report.md, report.html and loss plots for a run directory (default out_dir: <run_dir>/report/).
 
@@ -566,6 +475,6 @@ def build_report(run_dir: Path, out_dir: Path | None = None) -> dict:
         sections.insert(1, "warnings")
     title = f"gptforge report: {run_dir.resolve().name}"
     md, page = out_dir / "report.md", out_dir / "report.html"
-    atomic_write_text(md, render_markdown(ctx, title, blocks))
-    atomic_write_text(page, render_html(ctx, title, blocks))
+    atomic_write_text(md, render_markdown(title, blocks, out_dir))
+    atomic_write_text(page, render_html(title, blocks, out_dir, run_dir))
     return dict(md=md, html=page, out_dir=out_dir, plots=ctx.plots, sections=sections, warnings=ctx.warnings)
