@@ -7,7 +7,10 @@ Face folder of a GPT-2, Llama or Qwen2 model (safetensors). LoRA (`--lora.rank 8
 smoothing and class weights regularize; early stopping watches `--monitor` (loss, accuracy, f1_macro, ...) and keeps
 the best checkpoint. `--cv.folds K` runs stratified K-fold cross-validation; `--search.method grid|random` tries
 learning rates, batch sizes, epochs and LoRA ranks and saves a ranked table and the best config. `--augment.n_per_record
-N` adds N augmented copies of every training text (classify), after the train/validation split.
+N` adds N augmented copies of every training text (classify), after the train/validation split. Under torchrun,
+`--parallel ddp` (default) replicates the model and `--parallel fsdp` shards it (backbone blocks, then the whole task
+model with head and adapters; see gptforge.train.parallel); checkpoints hold full weights either way, and the final
+evaluation of the best checkpoint runs on an unsharded copy. `--activation_checkpointing` trades compute for memory.
 
 Writes under `<run_dir>/finetune/<name>/` (name defaults to the task): checkpoints/, metrics.jsonl, loss.png,
 summary.json, data_report.json, tokenizer.json, config.yaml; classify adds predictions.jsonl, metrics.md/json and
@@ -20,6 +23,7 @@ import copy
 import math
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge.artifacts import append_ledger, save_config, sha256_file, write_json
 from gptforge.data.augment import AugmentConfig
+from gptforge.model.gpt import GPT
 from gptforge.model.lora import LoRAConfig
 from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
 from gptforge.train import checkpoint as ckpt_lib
-from gptforge.train import tasks
+from gptforge.train import parallel, tasks
 from gptforge.train.autobatch import resolve_batch
 from gptforge.train.metrics import MetricsLog, plot_losses
 from gptforge.train.models import build_task_model, load_base, set_dropout
@@ -104,6 +109,12 @@ class Config(tasks.TaskDataFields):
     overwrite: bool = Field(False, description="Delete this run's finetune checkpoints and start over.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = Field("auto", description="Autocast dtype: auto, bfloat16 or float32.")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="With several processes: ddp replicates the model, fsdp shards weights and optimizer state."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in the backward pass: less memory, ~1/3 more compute."
+    )
     threads: int = Field(0, ge=0, description="CPU threads; 0 keeps torch's default.")
     progress: bool = Field(True, description="Show progress bars.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig)
@@ -137,8 +148,34 @@ def _data_identity(cfg: Config, runtime: Runtime) -> dict:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "augment.n_per_record": cfg.augment.n_per_record,
         "world_size": runtime.world_size,
+        # Only when set: checkpoints of DDP runs made before this key existed still resume.
+        **({"parallel": cfg.parallel} if cfg.parallel != "ddp" and runtime.world_size > 1 else {}),
     }
     return ident
+
+
+def _build_model(cfg: Config, base, n_classes: int) -> tuple[torch.nn.Module, GPT, list[str]]:
+    """(task model, its GPT backbone, names of the LoRA-wrapped layers) on the CPU, from a copy of the base model."""
+    gpt = copy.deepcopy(base.model)
+    if cfg.dropout is not None:
+        set_dropout(gpt, cfg.dropout)
+    model = build_task_model(gpt, cfg.task, n_classes, cfg.pooling, cfg.head_dropout)
+    lora_names: list[str] = []
+    if cfg.lora.rank > 0:
+        from gptforge.model.lora import apply_lora
+
+        lora_names = apply_lora(model, cfg.lora)
+        if cfg.task == "classify":
+            for p in model.head.parameters():  # a new head is always trained in full
+                p.requires_grad_(True)
+    return model, gpt, lora_names
+
+
+def _plain_copy(cfg: Config, base, n_classes: int) -> torch.nn.Module:
+    """An unsharded model of the run's structure, for weights that are loaded into it right after. Its init draws
+    from a forked RNG: dropout streams and bitwise resume must not depend on when a copy was built."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_model(cfg, base, n_classes)[0]
 
 
 def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: Runtime, final: bool = True) -> dict:
@@ -160,21 +197,9 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
     names = labels.names if labels is not None else []
 
     seed_everything(cfg.seed)
-    gpt = copy.deepcopy(base.model)
-    if cfg.dropout is not None:
-        set_dropout(gpt, cfg.dropout)
-    model = build_task_model(gpt, cfg.task, len(names), cfg.pooling, cfg.head_dropout)
-    lora_names: list[str] = []
-    if cfg.lora.rank > 0:
-        from gptforge.model.lora import apply_lora
-
-        lora_names = apply_lora(model, cfg.lora)
-        if cfg.task == "classify":
-            for p in model.head.parameters():  # a new head is always trained in full
-                p.requires_grad_(True)
+    model, gpt, lora_names = _build_model(cfg, base, len(names))
     model.to(runtime.device)
     torch.manual_seed(cfg.seed + runtime.rank)  # head init above used the shared seed; dropout streams differ per rank
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, runtime.device)
     sampler = IndexSampler(split.n_train, tc.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
 
     ckpt_dir = out / "checkpoints"
@@ -208,13 +233,18 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank)
         sampler.load_state_dict(trainer_sd["sampler"])
         set_rng_state(rng)
-        print(f"resuming from {resume_from} (step {trainer_sd['loop']['step']})")
+        if runtime.is_main:
+            print(f"resuming from {resume_from} (step {trainer_sd['loop']['step']})")
 
-    train_model = model
-    if runtime.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None
-        )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before sharding splits them
+    total = sum(p.numel() for p in model.parameters())
+    fsdp = runtime.distributed and cfg.parallel == "fsdp"
+    # LoRA is in place (above), so checkpointing and sharding see the final module tree. The evaluator runs `model`
+    # (sharded under FSDP, the bare module under DDP): every rank evaluates the whole validation split in the same
+    # batches, so under FSDP all ranks call the sharded forward equally often and its all-gathers stay in step.
+    train_model = parallel.parallelize(model, gpt, runtime, cfg.parallel, cfg.activation_checkpointing)
+    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, runtime.device)
+    shadow: list[torch.nn.Module] = []  # rank 0's unsharded copy that an FSDP checkpoint is written from
     metrics = None
     if runtime.is_main:
         resume_step = trainer_sd["loop"]["step"] if trainer_sd else None
@@ -225,11 +255,18 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
             metrics.write(record)
 
     def save(state: LoopState, is_best: bool) -> None:
-        sd = {**trainer.state_dict(), "sampler": sampler.state_dict()}
+        module, sd = model, trainer.state_dict()
+        if fsdp:  # gather full weights and optimizer state (collective); rank 0 writes them like 1 process would
+            if runtime.is_main and not shadow:
+                shadow.append(_plain_copy(cfg, base, len(names)))
+            into = shadow[0] if runtime.is_main else None
+            sd = {"optimizer": parallel.gather_full_state(model, optimizer, into), "loop": asdict(state)}
+            module = into if into is not None else model
+        sd["sampler"] = sampler.state_dict()
         path = ckpt_lib.save(
             ckpt_dir,
             state.step,
-            model,
+            module,
             sd,
             meta_base,
             rng_state(),
@@ -257,11 +294,12 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         higher_is_better=higher,
         progress=cfg.progress,
     )
-    if trainer_sd:
+    if trainer_sd and fsdp:
+        parallel.load_full_optimizer_state(model, optimizer, trainer_sd["optimizer"])
+        trainer.state = LoopState(**trainer_sd["loop"])
+    elif trainer_sd:
         trainer.load_state_dict(trainer_sd)
     if runtime.is_main:
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
         what = f"LoRA rank {cfg.lora.rank} on {len(lora_names)} layers" if lora_names else "full fine-tuning"
         unit = {"classify": "examples", "chat": "packed rows", "lm": "windows"}[cfg.task]
         print(
@@ -275,6 +313,12 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         if metrics:
             metrics.close()
     best = ckpt_lib.best(ckpt_dir) or ckpt_lib.latest(ckpt_dir)
+    if fsdp:
+        # The final evaluation runs on an unsharded copy of the best weights on every rank: chat samples are
+        # generated on rank 0 alone, which a sharded forward (an all-gather per call) would deadlock, and the copy
+        # needs no collective at all. It holds the weights only: 4 bytes a parameter next to the 16 / world_size
+        # of sharded fp32 weights, gradients and AdamW moments, so it fits wherever an inference load fits.
+        model = _plain_copy(cfg, base, len(names)).to(runtime.device)
     ckpt_lib.load_weights(best, model)
     model.eval()
     result = {
@@ -428,7 +472,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     init = cfg.init or str(Path(cfg.run_dir) / "pretrain")
     base = load_base(init, cfg.tokenizer, cfg.block_size)
     resumed = newest if cfg.resume else None
-    train, _ = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime, resume_from=resumed)
+    sharded = cfg.parallel == "fsdp"
+    train, _ = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime, sharded, resumed)
     cfg = cfg.model_copy(update={"train": train})
     tok = base.tokenizer
     prep = tasks.prepare(cfg, tok, base.model.config.block_size)

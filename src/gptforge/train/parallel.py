@@ -7,7 +7,10 @@
   optimizer built *after* sharding (parameters become DTensors), and `set_requires_gradient_sync(False)` plays the
   part of `no_sync` on accumulation micro-steps. Checkpoints stay world-size independent: the full (unsharded)
   weights and optimizer state are gathered to rank 0 and written exactly like a single-process checkpoint, with the
-  optimizer state keyed by parameter name.
+  optimizer state keyed by parameter name. A task model (classifier head, LoRA adapters) shards the same way: the
+  backbone's blocks are the units, the root is the whole task model. FSDP2 shards each parameter on its own (a
+  DTensor per parameter, not one flat buffer per unit), so frozen base weights and trainable adapters may share a
+  unit; frozen ones simply get no gradient and no optimizer state.
 * Activation checkpointing recomputes each block's activations in the backward pass instead of keeping them: memory
   per layer drops to the block's input, at about one extra forward of compute. It swaps each block's `forward` for a
   checkpointed call of the same function (parameter names and checkpoints are unchanged); the RNG state is replayed,
@@ -17,7 +20,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -32,14 +35,31 @@ def apply_activation_checkpointing(model: GPT) -> None:
         block.forward = functools.partial(checkpoint, Block.forward, block, use_reentrant=False)
 
 
-def shard_fsdp(model: GPT) -> GPT:
-    """Shard in place: one FSDP unit per block, then the root (embeddings, final norm, tied head)."""
+def shard_fsdp(model: nn.Module, gpt: GPT | None = None) -> nn.Module:
+    """Shard in place: one FSDP unit per block of `gpt` (default: `model` itself), then the root `model`, which
+    holds everything else (embeddings, final norm, tied head; a task model's head)."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.h:
+    for block in (gpt if gpt is not None else model).h:
         fully_shard(block)
     fully_shard(model)
     return model
+
+
+def parallelize(
+    model: nn.Module, gpt: GPT, runtime: Runtime, mode: Literal["ddp", "fsdp"], activation_checkpointing: bool
+) -> nn.Module:
+    """Activation checkpointing on `gpt`'s blocks, then, with several processes, FSDP2 sharding (in place) or a DDP
+    wrapper. Returns the module the trainer runs: `model` itself unless DDP-wrapped. Apply LoRA before this call
+    (checkpointing and sharding capture the module tree), and build the optimizer after it (FSDP2 replaces the
+    parameters with sharded DTensors)."""
+    if activation_checkpointing:
+        apply_activation_checkpointing(gpt)
+    if not runtime.distributed:
+        return model
+    if mode == "fsdp":
+        return shard_fsdp(model, gpt)
+    return wrap_ddp(model, runtime)
 
 
 def wrap_ddp(model: nn.Module, runtime: Runtime) -> nn.Module:
@@ -72,3 +92,23 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, into: nn.Module | None) -> dict[str, Any]:
+    """Collective: gather an FSDP-sharded model's full weights into `into` (rank 0 passes an unsharded module of the
+    same structure, the others None) and return the full optimizer state keyed by parameter name (empty on ranks
+    other than 0). `into` can then be saved exactly as a single process saves its model."""
+    weights = full_model_state(model)
+    optim = full_optimizer_state(model, optimizer)
+    if into is not None:
+        missing, unexpected = into.load_state_dict(weights, strict=False)
+        # The state dict names a tied weight once (lm_head.weight shares wte.weight): missing is fine for a name
+        # whose tensor was loaded under another name, and nothing else.
+        aliases: dict[int, list[str]] = {}
+        for name, p in into.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
+        loaded = {name for names in aliases.values() if any(n in weights for n in names) for name in names}
+        untied = [n for n in missing if n not in loaded]
+        if untied or unexpected:
+            raise RuntimeError(f"gathered weights do not fit the model: missing {untied}, unexpected {unexpected}")
+    return optim
