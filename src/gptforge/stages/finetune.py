@@ -41,7 +41,7 @@ from gptforge.train import parallel, tasks
 from gptforge.train.autobatch import resolve_batch
 from gptforge.train.metrics import MetricsLog, plot_losses
 from gptforge.train.models import build_task_model, load_base, set_dropout
-from gptforge.train.optim import build_optimizer
+from gptforge.train.optim import build_optimizer, compiled_step
 from gptforge.train.trainer import LoopState, TrainConfig, Trainer
 
 FINETUNE_TRAIN = TrainConfig(
@@ -114,6 +114,9 @@ class Config(tasks.TaskDataFields):
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each block's activations in the backward pass: less memory, ~1/3 more compute."
+    )
+    compile_optimizer: bool = Field(
+        False, description="torch.compile the AdamW step instead of the fused kernel (see pretrain's flag)."
     )
     threads: int = Field(0, ge=0, description="CPU threads; 0 keeps torch's default.")
     progress: bool = Field(True, description="Show progress bars.")
@@ -243,7 +246,10 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
     # (sharded under FSDP, the bare module under DDP): every rank evaluates the whole validation split in the same
     # batches, so under FSDP all ranks call the sharded forward equally often and its all-gathers stay in step.
     train_model = parallel.parallelize(model, gpt, runtime, cfg.parallel, cfg.activation_checkpointing)
-    optimizer = build_optimizer(model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, runtime.device)
+    optimizer = build_optimizer(
+        model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps, runtime.device,
+        compile_step=cfg.compile_optimizer,
+    )  # fmt: skip
     shadow: list[torch.nn.Module] = []  # rank 0's unsharded copy that an FSDP checkpoint is written from
     metrics = None
     if runtime.is_main:
@@ -293,6 +299,7 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         monitor=monitor,
         higher_is_better=higher,
         progress=cfg.progress,
+        step_fn=compiled_step(optimizer) if cfg.compile_optimizer else None,
     )
     if trainer_sd and fsdp:
         parallel.load_full_optimizer_state(model, optimizer, trainer_sd["optimizer"])

@@ -28,7 +28,7 @@ from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import parallel
 from gptforge.train.metrics import MetricsLog, plot_losses
-from gptforge.train.optim import build_optimizer
+from gptforge.train.optim import build_optimizer, compiled_step
 from gptforge.train.trainer import LoopState, TrainConfig, Trainer
 
 
@@ -61,6 +61,11 @@ class Config(BaseModel):
     )
     compile: bool = Field(
         False, description="torch.compile the model (pays off on GPU; little gain on small CPU runs)."
+    )
+    compile_optimizer: bool = Field(
+        False,
+        description="torch.compile the AdamW step instead of the fused kernel (for CUDA; on CPU it measured no "
+        "faster, bench/optim_step.py). The first step compiles; checkpoints stay interchangeable with plain runs.",
     )
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 keeps torch's default.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files (needs gptforge[viz]).")
@@ -246,7 +251,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     # After sharding: FSDP2 replaces the parameters, and the optimizer must hold the sharded ones.
     optimizer = build_optimizer(
         raw_model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps,
-        runtime.device,
+        runtime.device, compile_step=cfg.compile_optimizer,
     )  # fmt: skip
     shadow: list[GPT] = []  # rank 0's plain copy that an FSDP checkpoint is written from, built on first save
 
@@ -323,6 +328,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         save=save,
         log=log,
         progress=cfg.progress,
+        step_fn=compiled_step(optimizer) if cfg.compile_optimizer else None,
     )
     if trainer_sd and fsdp:
         parallel.load_full_optimizer_state(raw_model, optimizer, trainer_sd["optimizer"])
@@ -340,6 +346,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             f"train: {cfg.train.max_steps} steps x {tokens_per_step:,} tokens = "
             f"{cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens; {len(train_windows):,} windows per epoch"
         )
+        if cfg.compile_optimizer:  # else the first step's long pause looks like a hang
+            print("optimizer: AdamW step compiled by torch.compile; the first step includes the compile")
     t0 = time.perf_counter()
     start_step = trainer.state.step
     try:

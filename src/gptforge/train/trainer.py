@@ -2,7 +2,8 @@
 
 The loop is visible in `Trainer.fit`: draw micro-batches, accumulate gradients (no DDP sync until the last one),
 clip, refuse non-finite steps, step AdamW at the scheduled LR, and call two hooks (evaluate, save). What differs
-between stages (data, loss, metric to watch) comes in as parameters, never as a fork of this file.
+between stages (data, loss, metric to watch, a compiled optimizer step) comes in as parameters, never as a fork of
+this file.
 
 Loop state is a small dataclass that goes into the checkpoint with the optimizer, the data cursor and the RNG states;
 together with the pure LR schedule that makes a resumed run bitwise equal to an uninterrupted one.
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptforge.runtime import Runtime, fault, fault_seconds
-from gptforge.train.optim import lr_at
+from gptforge.train.optim import lr_at, set_lr
 
 Batch = Any
 LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
@@ -97,8 +98,11 @@ class Trainer:
         higher_is_better: bool = False,
         state: LoopState | None = None,
         progress: bool = True,
+        step_fn: Callable[[], Any] | None = None,
     ) -> None:
         self.model, self.opt, self.cfg, self.rt = model, optimizer, cfg, runtime
+        # The optimizer step: `optimizer.step`, or a compiled one (gptforge.train.optim.compiled_step).
+        self.step_fn = step_fn or optimizer.step
         self.next_batch, self.loss_fn, self.tokens_per_batch = next_batch, loss_fn, tokens_per_batch
         self.evaluate, self.save, self.log = evaluate, save, log or (lambda r: None)
         self.monitor, self.higher_is_better = monitor, higher_is_better
@@ -124,8 +128,7 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg, st = self.cfg, self.state
         lr = lr_at(st.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.decay, cfg.min_lr_ratio)
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        set_lr(self.opt, lr)  # in place where the LR is a tensor (compiled step)
         loss_sum = torch.zeros((), device=self.rt.device)
         tokens = 0
         for i in range(cfg.grad_accum):
@@ -142,7 +145,7 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.opt.step()
+            self.step_fn()
             st.nonfinite_in_a_row = 0
         else:
             # The step never reaches the optimizer: no moment update, no weight change.
