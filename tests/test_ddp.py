@@ -1,5 +1,6 @@
 """DistributedDataParallel through torchrun: 2 CPU processes on gloo see the same global batches as 1 process with
-gradient accumulation 2, so the loss trajectories agree; and resume at another world size is refused by name."""
+gradient accumulation 2, so the loss trajectories agree; a run resumes at another world size when an optimizer step
+still reads the same number of sequences, and is refused naming that number otherwise."""
 
 from __future__ import annotations
 
@@ -68,9 +69,32 @@ def test_two_process_gloo_matches_one_process(tmp_path, corpus, tokenizer_run, c
     proc = torchrun(two, corpus, "--resume", "--train.max_steps=10")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_metric(two, "loss")) == 10
-    # ... and is refused at world size 1, naming the mismatch.
+    # ... and at world size 1 only with the same sequences per optimizer step; the refusal says how.
     rc = main(["pretrain", f"--run_dir={two}", f"--input={corpus}", *ARGS, "--train.max_steps=12", "--resume"])
-    assert rc == 2 and "world_size: checkpoint 2, config 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "sequences per optimizer step: checkpoint 8, config 4" in err
+    assert "--train.global_batch_size=8" in err
+
+
+def test_resume_at_another_world_size(tmp_path, corpus, tokenizer_run, capsys):
+    """1 process (accumulation 2) -> 2 processes and back: each step reads the same windows, so the resumed halves
+    continue the uninterrupted trajectory (to float rounding: the reductions differ)."""
+    ref, up = tmp_path / "ref", tmp_path / "up"
+    shutil.copytree(tokenizer_run / "tokenizer", ref / "tokenizer")
+    one = ["pretrain", f"--input={corpus}", *ARGS, "--train.grad_accum=2"]
+    assert main([*one, f"--run_dir={ref}"]) == 0
+    shutil.copytree(ref, up)
+    shutil.rmtree(up / "pretrain" / "checkpoints" / "step-00000008")
+    (up / "pretrain" / "checkpoints" / "best.json").unlink(missing_ok=True)
+    proc = torchrun(up, corpus, "--resume")  # grad_accum 1 x 2 processes = 8 sequences, as saved
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved by 1 process(es), resumed by 2" in proc.stdout
+    # 2 -> 1: the world-size-2 step-8 checkpoint just written, back to one process for 2 more steps.
+    assert main([*one, f"--run_dir={up}", "--train.max_steps=10", "--resume"]) == 0
+    assert main([*one, f"--run_dir={ref}", "--train.max_steps=10", "--resume"]) == 0
+    a, b = _metric(ref, "loss"), _metric(up, "loss")
+    assert len(a) == len(b) == 10 and a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert _metric(ref, "val_loss") == pytest.approx(_metric(up, "val_loss"), rel=1e-4, abs=1e-4)
 
 
 def test_rank_without_validation_windows_does_not_hang(tmp_path, corpus, tokenizer_run):

@@ -2,7 +2,8 @@
 
 2 sharded processes see the same global batches as 1 process with gradient accumulation 2, so the loss trajectories
 agree; a checkpoint written at world size 2 holds full weights (it loads in one process) and resumes at world size 2
-to the very weights of an uninterrupted run; resuming it at world size 1 is refused by name."""
+to the very weights of an uninterrupted run, and at world size 1 (same sequences per step) on the 1-process run's
+trajectory."""
 
 from __future__ import annotations
 
@@ -44,9 +45,15 @@ def test_fsdp_matches_one_process_and_resumes_exactly(tmp_path, corpus, tokenize
     assert proc.returncode == 0, proc.stderr[-3000:]
     name = "pretrain/checkpoints/step-00000008/model.safetensors"
     assert sha256_file(split / name) == sha256_file(two / name)
-    # ... and at world size 1 the sharded run is refused, naming the mismatch.
-    rc = main(["pretrain", f"--run_dir={two}", f"--input={corpus}", *ARGS, *FSDP, "--train.max_steps=12", "--resume"])
-    assert rc == 2 and "world_size: checkpoint 2, config 1" in capsys.readouterr().err
+    # At world size 1 the sharded checkpoint resumes with the same 8 sequences per step (full weights and optimizer
+    # state keyed by name): steps 9-10 continue the 1-process run's trajectory. With 4 per step it is refused.
+    two_more = ["pretrain", f"--input={corpus}", *ARGS, "--train.max_steps=10", "--resume"]
+    rc = main([*two_more, f"--run_dir={two}", *FSDP])
+    assert rc == 2 and "sequences per optimizer step: checkpoint 8, config 4" in capsys.readouterr().err
+    for run in (one, two):
+        assert main([*two_more, f"--run_dir={run}", "--train.grad_accum=2"]) == 0
+    assert _metric(one, "loss") == pytest.approx(_metric(two, "loss"), rel=1e-4, abs=1e-4)
+    assert len(_metric(two, "loss")) == 10
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():

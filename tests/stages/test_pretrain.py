@@ -116,7 +116,7 @@ def test_overwrite_starts_over_cleanly(trained_run, corpus, tmp_path):
         ("--data.piece_chars=500", "data.piece_chars"),
         ("--data.seed=1", "data.seed"),
         ("--seed=7", "seed: checkpoint 1337, config 7"),
-        ("--train.micro_batch_size=2", "train.micro_batch_size"),
+        ("--train.micro_batch_size=2", "sequences per optimizer step: checkpoint 4, config 2"),
     ],
 )
 def test_resume_refuses_other_data_settings(trained_run, corpus, tmp_path, capsys, flag, named):

@@ -90,6 +90,9 @@ def resolve_model_config(cfg: Config, tok: Tokenizer) -> GPTConfig:
     return model
 
 
+STEP_BATCH = "sequences per optimizer step"
+
+
 def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
     """Everything that decides which token the data cursor points at. A resumed run must match it exactly, or the
     saved cursor would index a different split or order and silently replay or skip text."""
@@ -100,10 +103,9 @@ def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
         "data.piece_chars": cfg.data.piece_chars,
         "data.text_field": cfg.data.text_field,
         "seed": cfg.seed,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
-        "world_size": runtime.world_size,
-        # Only when set: checkpoints of DDP runs made before this key existed still resume.
-        **({"parallel": cfg.parallel} if cfg.parallel != "ddp" and runtime.world_size > 1 else {}),
+        # What an optimizer step reads, not how it is split into processes and micro-batches (see WindowSampler):
+        # a checkpoint resumes at another world size, DDP or FSDP, as long as this product is the same.
+        STEP_BATCH: cfg.train.micro_batch_size * cfg.train.grad_accum * runtime.world_size,
     }
 
 
@@ -112,6 +114,11 @@ def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, data: dict, 
     if meta.get("tokenizer_sha256") != tok.sha256():
         problems.append("tokenizer: checkpoint was trained with a different tokenizer.json")
     problems += ckpt_lib.diff_fields(meta.get("data", {}), data, "")
+    if (saved := meta.get("data", {}).get(STEP_BATCH)) and saved != data[STEP_BATCH]:
+        problems.append(
+            f"to resume with another number of processes keep micro_batch_size x grad_accum x processes = {saved} "
+            f"(e.g. --train.global_batch_size={saved})"
+        )
     if problems:
         raise ckpt_lib.CheckpointError(
             f"cannot resume from {ckpt}: " + "; ".join(problems) + " (use a new run_dir to train with other settings)"
@@ -212,7 +219,9 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     seq = model_cfg.block_size
     train_windows = TokenWindows(out / "tokens", "train", seq)
     val_windows = TokenWindows(out / "tokens", "val", seq)
-    sampler = WindowSampler(train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
+    sampler = WindowSampler(
+        train_windows, cfg.train.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size, cfg.train.grad_accum
+    )
     if runtime.is_main:
         save_config(cfg, out)  # only now: a refused or failed start leaves the previous config in place
         if cfg.overwrite:
@@ -227,11 +236,23 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     trainer_sd = None
     if resume_from:
         ckpt_lib.load_weights(resume_from, model)
-        trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank)
+        saved_world = ckpt_lib.read_meta(resume_from).get("world_size", 1)
+        trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank, rng=saved_world == runtime.world_size)
         sampler.load_state_dict(trainer_sd["sampler"])
-        set_rng_state(rng)
+        step = trainer_sd["loop"]["step"]
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            # Another world size: the windows of every step are the same, but per-rank random streams (dropout)
+            # cannot be carried over; each rank gets a fresh one derived from the seed, the step and its rank.
+            seed_everything(cfg.seed + 1_000_003 * step + runtime.rank)
         if runtime.is_main:
-            print(f"resuming from {resume_from} (step {trainer_sd['loop']['step']})")
+            print(f"resuming from {resume_from} (step {step})")
+            if rng is None:
+                print(
+                    f"  saved by {saved_world} process(es), resumed by {runtime.world_size}: the same windows per "
+                    "step; dropout random streams re-seeded"
+                )
     elif cfg.resume and runtime.is_main:
         print(f"no committed checkpoint in {ckpt_dir}; starting from scratch")
 
@@ -275,16 +296,20 @@ def run(cfg: Config, runtime: Runtime) -> dict:
 
     def save(state: LoopState, is_best: bool) -> None:
         module = raw_model
-        if fsdp:  # gather the full weights and optimizer state (collective); rank 0 writes them like 1 process would
-            weights = parallel.full_model_state(raw_model)
-            sd = {"optimizer": parallel.full_optimizer_state(raw_model, optimizer), "loop": asdict(state)}
+        # The optimizer state keyed by parameter name and unsharded (collective under FSDP), whatever the parallel
+        # mode: so a checkpoint loads into DDP, FSDP or one process alike, at any world size.
+        # Under FSDP2 the weights are gathered first (collective): gathering the optimizer state before them fails
+        # in torch.distributed.checkpoint (KeyError mapping a parameter id to its name; torch 2.13, found by test).
+        weights = parallel.full_model_state(raw_model) if fsdp else None
+        sd = {"optimizer": parallel.full_optimizer_state(raw_model, optimizer), "loop": asdict(state)}
+        if fsdp:  # rank 0 writes the gathered weights like 1 process would
             if runtime.is_main:
-                shadow[:] = shadow or [GPT(model_cfg)]
+                if not shadow:
+                    with torch.random.fork_rng(devices=[]):  # building it must not move the dropout streams
+                        shadow.append(GPT(model_cfg))
                 missing, unexpected = shadow[0].load_state_dict(weights, strict=False)
                 assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
                 module = shadow[0]
-        else:
-            sd = trainer.state_dict()
         sd["sampler"] = sampler.state_dict()
         meta = {
             "model": model_cfg.model_dump(),
@@ -330,11 +355,13 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         progress=cfg.progress,
         step_fn=compiled_step(optimizer) if cfg.compile_optimizer else None,
     )
-    if trainer_sd and fsdp:
-        parallel.load_full_optimizer_state(raw_model, optimizer, trainer_sd["optimizer"])
+    if trainer_sd:
+        opt_sd = trainer_sd["optimizer"]
+        if all(isinstance(k, str) for k in opt_sd["state"]):  # keyed by parameter name
+            parallel.load_full_optimizer_state(raw_model, optimizer, opt_sd)
+        else:  # keyed by position: written by a single-process or DDP run before name-keyed states
+            optimizer.load_state_dict(opt_sd)
         trainer.state = LoopState(**trainer_sd["loop"])
-    elif trainer_sd:
-        trainer.load_state_dict(trainer_sd)
     n_params = raw_model.num_params()
     if runtime.is_main:
         print(

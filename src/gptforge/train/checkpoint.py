@@ -183,12 +183,13 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
             raise CheckpointError(f"{where}: tensor '{name}' has non-finite values (NaN or inf)")
 
 
-def load_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainer state, this rank's RNG state). weights_only: nothing in a checkpoint can run code."""
+def load_trainer_state(ckpt: Path, rank: int, rng: bool = True) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(trainer state, this rank's RNG state, or None when rng=False). weights_only: nothing in a checkpoint can run
+    code."""
     rng_file = ckpt / f"rng_rank{rank}.pt"
-    if not rng_file.is_file():
+    if rng and not rng_file.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no RNG state for rank {rank} (saved at another world size)")
-    return _safe_load(ckpt / "trainer.pt"), _safe_load(rng_file)
+    return _safe_load(ckpt / "trainer.pt"), _safe_load(rng_file) if rng else None
 
 
 def _safe_load(path: Path) -> Any:
