@@ -69,13 +69,10 @@ class WindowSampler:
         return {**asdict(self.state), "seed": self.seed, "step_batch": self.step_batch}
 
     def load_state_dict(self, sd: dict) -> None:
-        # Checkpoints written before `step_batch` existed hold the micro-step batch as `global_batch`.
-        theirs = sd.get("step_batch", sd.get("global_batch"))
-        ours = self.step_batch if "step_batch" in sd else self.global_batch
-        if sd["seed"] != self.seed or theirs != ours:
+        if sd["seed"] != self.seed or sd["step_batch"] != self.step_batch:
             raise ValueError(
-                f"data sampler mismatch: checkpoint has seed={sd['seed']} windows per step={theirs}, "
-                f"this run has seed={self.seed} windows per step={ours}"
+                f"data sampler mismatch: checkpoint has seed={sd['seed']} windows per step={sd['step_batch']}, "
+                f"this run has seed={self.seed} windows per step={self.step_batch}"
             )
         if int(sd["cursor"]) % self.global_batch:
             raise ValueError(f"data sampler cursor {sd['cursor']} is not at a micro-step of {self.global_batch}")

@@ -295,21 +295,19 @@ def run(cfg: Config, runtime: Runtime) -> dict:
                 plot_losses(metrics.path, out / "loss.png")
 
     def save(state: LoopState, is_best: bool) -> None:
+        # The optimizer state is stored unsharded and keyed by parameter name whatever the parallel mode, so a
+        # checkpoint loads into DDP, FSDP or one process alike, at any world size.
         module = raw_model
-        # The optimizer state keyed by parameter name and unsharded (collective under FSDP), whatever the parallel
-        # mode: so a checkpoint loads into DDP, FSDP or one process alike, at any world size.
-        # Under FSDP2 the weights are gathered first (collective): gathering the optimizer state before them fails
-        # in torch.distributed.checkpoint (KeyError mapping a parameter id to its name; torch 2.13, found by test).
-        weights = parallel.full_model_state(raw_model) if fsdp else None
-        sd = {"optimizer": parallel.full_optimizer_state(raw_model, optimizer), "loop": asdict(state)}
-        if fsdp:  # rank 0 writes the gathered weights like 1 process would
-            if runtime.is_main:
-                if not shadow:
-                    with torch.random.fork_rng(devices=[]):  # building it must not move the dropout streams
-                        shadow.append(GPT(model_cfg))
-                missing, unexpected = shadow[0].load_state_dict(weights, strict=False)
-                assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-                module = shadow[0]
+        if fsdp:  # collective: the full weights into rank 0's plain copy, which it writes like 1 process would
+            if runtime.is_main and not shadow:
+                with torch.random.fork_rng(devices=[]):  # building it must not move the dropout streams
+                    shadow.append(GPT(model_cfg))
+            into = shadow[0] if runtime.is_main else None
+            optim = parallel.gather_full_state(raw_model, optimizer, into)
+            module = into if into is not None else raw_model
+        else:
+            optim = parallel.full_optimizer_state(raw_model, optimizer)
+        sd = {"optimizer": optim, "loop": asdict(state)}
         sd["sampler"] = sampler.state_dict()
         meta = {
             "model": model_cfg.model_dump(),
@@ -356,11 +354,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
         step_fn=compiled_step(optimizer) if cfg.compile_optimizer else None,
     )
     if trainer_sd:
-        opt_sd = trainer_sd["optimizer"]
-        if all(isinstance(k, str) for k in opt_sd["state"]):  # keyed by parameter name
-            parallel.load_full_optimizer_state(raw_model, optimizer, opt_sd)
-        else:  # keyed by position: written by a single-process or DDP run before name-keyed states
-            optimizer.load_state_dict(opt_sd)
+        parallel.load_full_optimizer_state(raw_model, optimizer, trainer_sd["optimizer"])
         trainer.state = LoopState(**trainer_sd["loop"])
     n_params = raw_model.num_params()
     if runtime.is_main:

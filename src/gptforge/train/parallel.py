@@ -98,6 +98,8 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, into: 
     """Collective: gather an FSDP-sharded model's full weights into `into` (rank 0 passes an unsharded module of the
     same structure, the others None) and return the full optimizer state keyed by parameter name (empty on ranks
     other than 0). `into` can then be saved exactly as a single process saves its model."""
+    # Weights first: gathering the optimizer state before them fails in torch.distributed.checkpoint under FSDP2
+    # (KeyError mapping a parameter id to its name; torch 2.13, found by test).
     weights = full_model_state(model)
     optim = full_optimizer_state(model, optimizer)
     if into is not None:
