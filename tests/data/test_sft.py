@@ -368,8 +368,31 @@ def test_sampler_ranks_split_the_global_batch():
         assert np.array_equal(one.next_indices(), np.concatenate([s.next_indices() for s in ranks]))
 
 
+def test_sampler_step_is_the_same_rows_for_any_split():
+    """2 ranks x 3 with accumulation 1, 1 x 3 with accumulation 2, 1 x 2 with accumulation 3: every optimizer step
+    reads the same 6 rows, across uneven epoch ends (20 rows: a tail of 2 is skipped each epoch), and a state saved at
+    one split resumes at another."""
+
+    def steps(micro, world, accum, n_steps, state=None):
+        ranks = [IndexSampler(20, micro, 5, r, world, accum) for r in range(world)]
+        for s in ranks if state else ():
+            s.load_state_dict(state)
+        out = [sorted(int(i) for _ in range(accum) for s in ranks for i in s.next_indices()) for _ in range(n_steps)]
+        return out, ranks[0].state_dict()
+
+    ref, _ = steps(3, 2, 1, 10)
+    assert all(len(set(step)) == 6 for step in ref) and len(set(sum(ref[:3], []))) == 18
+    assert steps(3, 1, 2, 10)[0] == ref and steps(2, 1, 3, 10)[0] == ref
+    half, state = steps(3, 2, 1, 4)  # into the second epoch
+    assert state["epoch"] == 1 and half + steps(1, 2, 3, 6, state)[0] == ref
+    with pytest.raises(ValueError, match="checkpoint has step_batch=6, this run has step_batch=12"):
+        IndexSampler(20, 3, 5, accum=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="cursor 6 is not at a micro-step of 4"):
+        IndexSampler(20, 2, 5, world_size=2, accum=1).load_state_dict({**state, "step_batch": 4, "cursor": 6})
+
+
 def test_sampler_errors():
-    with pytest.raises(DataError, match="only 5 training examples.*global micro-batch of 6.*micro_batch_size"):
+    with pytest.raises(DataError, match="only 5 training examples, fewer than one optimizer step's 6 .*micro_batch"):
         IndexSampler(5, 3, seed=0, world_size=2)
     s = IndexSampler(10, 2, seed=0)
     with pytest.raises(ValueError, match="checkpoint has seed=1, this run has seed=0"):

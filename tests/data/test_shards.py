@@ -188,5 +188,5 @@ def test_a_step_reads_the_same_windows_whatever_the_world_size(corpus, tok, tmp_
     assert steps(8, 2, 1, n)[0] == ref and steps(4, 1, 4, n)[0] == ref
     half, state = steps(8, 2, 1, n // 2)
     assert half + steps(4, 1, 4, n - n // 2, state)[0] == ref
-    with pytest.raises(ValueError, match="windows per step=16, this run has seed=3 windows per step=8"):
+    with pytest.raises(ValueError, match="checkpoint has step_batch=16, this run has step_batch=8"):
         WindowSampler(windows, 4, 3, accum=2).load_state_dict(state)

@@ -3,7 +3,8 @@
 2 sharded processes see the same global batches as 1 process with gradient accumulation 2, so the loss and
 validation trajectories agree (classifier with its head; chat with LoRA adapters, frozen base weights and activation
 checkpointing); the checkpoints hold full weights that load in one process and give the 1-process run's logits; a
-run resumed at world size 2 ends on the very weights of the uninterrupted one, and world size 1 is refused by name.
+run resumed at world size 2 ends on the very weights of the uninterrupted one; at world size 1 it resumes on the same
+trajectory when a step reads the same examples (accumulation 2), and is refused naming that number otherwise.
 Checkpointing alone (1 process, dropout on) gives the same losses as without.
 """
 
@@ -94,7 +95,7 @@ def test_fsdp_classify_matches_one_process_loads_and_resumes_exactly(tmp_path, c
     # The checkpoint holds the full weights (head included): one process loads it and gets the 1-process logits.
     a, _, meta = load_for_inference(one / "checkpoints" / "step-00000008")
     b, _, meta_b = load_for_inference(two / "checkpoints" / "step-00000008")
-    assert meta_b["data"]["parallel"] == "fsdp" and "parallel" not in meta["data"]
+    assert meta_b["world_size"] == 2 and meta["world_size"] == 1 and meta_b["data"] == meta["data"]
     x = _inputs(300)
     lengths = torch.tensor([16, 9])
     torch.testing.assert_close(a(x, lengths), b(x, lengths), atol=1e-4, rtol=1e-4)
@@ -110,9 +111,22 @@ def test_fsdp_classify_matches_one_process_loads_and_resumes_exactly(tmp_path, c
     assert "resuming from" in proc.stdout and "step 4" in proc.stdout
     name = "checkpoints/step-00000008/model.safetensors"
     assert sha256_file(ft / name) == sha256_file(two / name)
-    # ... and at world size 1 the sharded run is refused, naming the mismatch.
-    rc, _, err = run_cli(capsys, *finetune_args(tmp_path / "two", init, train, *args, *FSDP, "--resume"))
-    assert rc == 2 and "world_size: checkpoint 2, config 1" in err and "parallel: checkpoint 'fsdp'" in err
+    # ... and at world size 1 from the same step-4 checkpoint: refused while a step would read fewer examples ...
+    solo = tmp_path / "solo"
+    shutil.copytree(tmp_path / "two", solo)
+    ckpts = solo / "finetune" / "classify" / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000008")
+    assert read_json(ckpts / "best.json")["step"] == 4  # as a crash after step 4 would leave it
+    rc, _, err = run_cli(capsys, *finetune_args(solo, init, train, *args, "--resume"))
+    assert rc == 2 and "sequences per optimizer step: checkpoint 8, config 4" in err
+    assert "--train.global_batch_size=8" in err
+    # ... and resumed with accumulation 2: the rest of the uninterrupted trajectory, unsharded.
+    rc, out, err = run_cli(capsys, *finetune_args(solo, init, train, *args, "--resume", "--train.grad_accum=2"))
+    assert rc == 0, err
+    assert "(step 4)" in out and "saved by 2 process(es), resumed by 1" in out
+    _assert_same_run(one, solo / "finetune" / "classify")
+    c, _, _ = load_for_inference(solo / "finetune" / "classify" / "checkpoints" / "step-00000008")
+    torch.testing.assert_close(a(x, lengths), c(x, lengths), atol=1e-4, rtol=1e-4)
 
 
 def test_fsdp_chat_lora_with_checkpointing_matches_one_process(tmp_path, corpus, trained_run, capsys):

@@ -73,3 +73,33 @@ def test_pretrain_resolves_prints_and_saves_the_batch(tmp_path, corpus, tokenize
     rc = pretrain(run, corpus, "--train.max_steps=3", "--train.micro_batch_size=0", "--train.global_batch_size=8",
                   "--resume")  # fmt: skip
     assert rc == 0, capsys.readouterr().err
+
+
+def test_an_automatic_resume_keeps_the_step_batch_and_fits_todays_memory(tmp_path, monkeypatch):
+    """A run that chose its micro-batch automatically resumes with the same sequences per optimizer step, even when
+    less memory is free now: the micro-batch shrinks and accumulation makes up the difference."""
+    import json
+
+    import torch
+
+    from gptforge.model.gpt import GPT
+    from gptforge.runtime import Runtime
+    from gptforge.train import autobatch
+    from gptforge.train.checkpoint import STEP_BATCH
+    from gptforge.train.trainer import TrainConfig
+
+    small = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    model, rt = GPT(small), Runtime(device=torch.device("cpu"), dtype=torch.float32)
+    ckpt = tmp_path / "step-00000004"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"data": {STEP_BATCH: 16}}))
+    n = sum(p.numel() for p in model.parameters())
+    # Today only a 4-sequence micro-batch fits in the budget (80% of what is free).
+    free = int((estimate_bytes(small, n, 4, 32, 4)["total"] + 1) / 0.8)
+    assert estimate_bytes(small, n, 8, 32, 4)["total"] > 0.8 * free
+    monkeypatch.setattr(autobatch, "free_memory_bytes", lambda device: free)
+    auto = TrainConfig(micro_batch_size=0, global_batch_size=0, grad_accum=1)
+    resolved, plan = autobatch.resolve_batch(auto, model, 32, rt, resume_from=ckpt)
+    assert (resolved.micro_batch_size, resolved.grad_accum) == (4, 4) and plan.global_batch_size == 16
+    fresh, _ = autobatch.resolve_batch(auto, model, 32, rt)  # a fresh start just takes what fits
+    assert (fresh.micro_batch_size, fresh.grad_accum) == (4, 1)

@@ -35,7 +35,7 @@ from gptforge.artifacts import append_ledger, save_config, sha256_file, write_js
 from gptforge.data.augment import AugmentConfig
 from gptforge.model.gpt import GPT
 from gptforge.model.lora import LoRAConfig
-from gptforge.runtime import Runtime, rng_state, seed_everything, set_rng_state
+from gptforge.runtime import Runtime, rng_state, seed_everything
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import parallel, tasks
 from gptforge.train.autobatch import resolve_batch
@@ -148,11 +148,9 @@ def _data_identity(cfg: Config, runtime: Runtime) -> dict:
         "val_file": cfg.val_file,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
-        "train.micro_batch_size": cfg.train.micro_batch_size,
         "augment.n_per_record": cfg.augment.n_per_record,
-        "world_size": runtime.world_size,
-        # Only when set: checkpoints of DDP runs made before this key existed still resume.
-        **({"parallel": cfg.parallel} if cfg.parallel != "ddp" and runtime.world_size > 1 else {}),
+        # How many examples a step reads, not how they are split: resuming at another world size keeps the order.
+        ckpt_lib.STEP_BATCH: cfg.train.micro_batch_size * cfg.train.grad_accum * runtime.world_size,
     }
     return ident
 
@@ -203,7 +201,8 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
     model, gpt, lora_names = _build_model(cfg, base, len(names))
     model.to(runtime.device)
     torch.manual_seed(cfg.seed + runtime.rank)  # head init above used the shared seed; dropout streams differ per rank
-    sampler = IndexSampler(split.n_train, tc.micro_batch_size, cfg.seed, runtime.rank, runtime.world_size)
+    micro, world = tc.micro_batch_size, runtime.world_size
+    sampler = IndexSampler(split.n_train, micro, cfg.seed, runtime.rank, world, tc.grad_accum)
 
     ckpt_dir = out / "checkpoints"
     data_id = _data_identity(cfg, runtime)
@@ -224,6 +223,7 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         ckpt_lib.verify(newest)
         saved = ckpt_lib.read_meta(newest)
         problems = ckpt_lib.diff_fields(saved.get("data", {}), data_id, "")
+        problems += ckpt_lib.step_batch_hint(saved.get("data", {}), data_id)
         problems += ckpt_lib.diff_fields(saved["model"], meta_base["model"], "model.")
         if problems:
             raise ckpt_lib.CheckpointError(f"cannot resume from {newest}: " + "; ".join(problems))
@@ -233,11 +233,8 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
     trainer_sd = None
     if resume_from:
         ckpt_lib.load_weights(resume_from, model)
-        trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank)
+        trainer_sd = ckpt_lib.restore_trainer_state(resume_from, runtime, cfg.seed)
         sampler.load_state_dict(trainer_sd["sampler"])
-        set_rng_state(rng)
-        if runtime.is_main:
-            print(f"resuming from {resume_from} (step {trainer_sd['loop']['step']})")
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # counted before sharding splits them
     total = sum(p.numel() for p in model.parameters())
@@ -261,14 +258,18 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
             metrics.write(record)
 
     def save(state: LoopState, is_best: bool) -> None:
-        module, sd = model, trainer.state_dict()
-        if fsdp:  # gather full weights and optimizer state (collective); rank 0 writes them like 1 process would
+        # The optimizer state is stored unsharded and keyed by parameter name whatever the parallel mode, so a
+        # checkpoint loads into DDP, FSDP or one process alike, at any world size.
+        module = model
+        if fsdp:  # collective: the full weights into rank 0's plain copy, which it writes like 1 process would
             if runtime.is_main and not shadow:
                 shadow.append(_plain_copy(cfg, base, len(names)))
             into = shadow[0] if runtime.is_main else None
-            sd = {"optimizer": parallel.gather_full_state(model, optimizer, into), "loop": asdict(state)}
+            optim = parallel.gather_full_state(model, optimizer, into)
             module = into if into is not None else model
-        sd["sampler"] = sampler.state_dict()
+        else:
+            optim = parallel.full_optimizer_state(model, optimizer)
+        sd = {"optimizer": optim, "loop": asdict(state), "sampler": sampler.state_dict()}
         path = ckpt_lib.save(
             ckpt_dir,
             state.step,
@@ -301,11 +302,9 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
         progress=cfg.progress,
         step_fn=compiled_step(optimizer) if cfg.compile_optimizer else None,
     )
-    if trainer_sd and fsdp:
+    if trainer_sd:
         parallel.load_full_optimizer_state(model, optimizer, trainer_sd["optimizer"])
         trainer.state = LoopState(**trainer_sd["loop"])
-    elif trainer_sd:
-        trainer.load_state_dict(trainer_sd)
     if runtime.is_main:
         what = f"LoRA rank {cfg.lora.rank} on {len(lora_names)} layers" if lora_names else "full fine-tuning"
         unit = {"classify": "examples", "chat": "packed rows", "lm": "windows"}[cfg.task]

@@ -23,7 +23,7 @@ from gptforge.artifacts import append_ledger, save_config, stage_dir, write_json
 from gptforge.data.sampler import WindowSampler
 from gptforge.data.shards import TokenWindows, build_token_shards, input_fingerprint
 from gptforge.model.gpt import GPT, GPTConfig
-from gptforge.runtime import Runtime, peak_flops, rng_state, seed_everything, set_rng_state
+from gptforge.runtime import Runtime, peak_flops, rng_state, seed_everything
 from gptforge.tokenizer.bpe import Tokenizer
 from gptforge.train import checkpoint as ckpt_lib
 from gptforge.train import parallel
@@ -90,9 +90,6 @@ def resolve_model_config(cfg: Config, tok: Tokenizer) -> GPTConfig:
     return model
 
 
-STEP_BATCH = "sequences per optimizer step"
-
-
 def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
     """Everything that decides which token the data cursor points at. A resumed run must match it exactly, or the
     saved cursor would index a different split or order and silently replay or skip text."""
@@ -103,9 +100,8 @@ def data_identity(cfg: Config, fingerprint: str, runtime: Runtime) -> dict:
         "data.piece_chars": cfg.data.piece_chars,
         "data.text_field": cfg.data.text_field,
         "seed": cfg.seed,
-        # What an optimizer step reads, not how it is split into processes and micro-batches (see WindowSampler):
-        # a checkpoint resumes at another world size, DDP or FSDP, as long as this product is the same.
-        STEP_BATCH: cfg.train.micro_batch_size * cfg.train.grad_accum * runtime.world_size,
+        # How many sequences a step reads, not how they are split: resuming at another world size keeps the order.
+        ckpt_lib.STEP_BATCH: cfg.train.micro_batch_size * cfg.train.grad_accum * runtime.world_size,
     }
 
 
@@ -114,11 +110,7 @@ def _check_resume(meta: dict, model_cfg: GPTConfig, tok: Tokenizer, data: dict, 
     if meta.get("tokenizer_sha256") != tok.sha256():
         problems.append("tokenizer: checkpoint was trained with a different tokenizer.json")
     problems += ckpt_lib.diff_fields(meta.get("data", {}), data, "")
-    if (saved := meta.get("data", {}).get(STEP_BATCH)) and saved != data[STEP_BATCH]:
-        problems.append(
-            f"to resume with another number of processes keep micro_batch_size x grad_accum x processes = {saved} "
-            f"(e.g. --train.global_batch_size={saved})"
-        )
+    problems += ckpt_lib.step_batch_hint(meta.get("data", {}), data)
     if problems:
         raise ckpt_lib.CheckpointError(
             f"cannot resume from {ckpt}: " + "; ".join(problems) + " (use a new run_dir to train with other settings)"
@@ -236,23 +228,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     trainer_sd = None
     if resume_from:
         ckpt_lib.load_weights(resume_from, model)
-        saved_world = ckpt_lib.read_meta(resume_from).get("world_size", 1)
-        trainer_sd, rng = ckpt_lib.load_trainer_state(resume_from, runtime.rank, rng=saved_world == runtime.world_size)
+        trainer_sd = ckpt_lib.restore_trainer_state(resume_from, runtime, cfg.seed)
         sampler.load_state_dict(trainer_sd["sampler"])
-        step = trainer_sd["loop"]["step"]
-        if rng is not None:
-            set_rng_state(rng)
-        else:
-            # Another world size: the windows of every step are the same, but per-rank random streams (dropout)
-            # cannot be carried over; each rank gets a fresh one derived from the seed, the step and its rank.
-            seed_everything(cfg.seed + 1_000_003 * step + runtime.rank)
-        if runtime.is_main:
-            print(f"resuming from {resume_from} (step {step})")
-            if rng is None:
-                print(
-                    f"  saved by {saved_world} process(es), resumed by {runtime.world_size}: the same windows per "
-                    "step; dropout random streams re-seeded"
-                )
     elif cfg.resume and runtime.is_main:
         print(f"no committed checkpoint in {ckpt_dir}; starting from scratch")
 

@@ -134,13 +134,14 @@ def resolve_batch(
     """(train config with concrete micro_batch_size and grad_accum, the plan or None when nothing was automatic),
     printed with its reason on rank 0. Used by pretraining and fine-tuning before any data is drawn; the resolved
     values are what gets saved. `sharded`: FSDP keeps 1/world of the weights, gradients and optimizer states on each
-    process. `resume_from`: the checkpoint a run resumes from; an automatic micro-batch then takes its value (free
-    memory differs between starts; the data order must not)."""
-    if train_cfg.micro_batch_size == 0 and resume_from is not None:
-        from gptforge.train.checkpoint import read_meta
+    process. `resume_from`: the checkpoint a run resumes from; an automatic micro-batch with no global batch asked for
+    then keeps its sequences per optimizer step (free memory differs between starts; the data order must not)."""
+    if train_cfg.micro_batch_size == 0 and not train_cfg.global_batch_size and resume_from is not None:
+        from gptforge.train.checkpoint import STEP_BATCH, read_meta
 
-        if saved := read_meta(resume_from).get("data", {}).get("train.micro_batch_size"):
-            train_cfg = train_cfg.model_copy(update={"micro_batch_size": int(saved)})
+        # The step's batch must stay what it was; the split into micro-batches may follow today's free memory.
+        if saved := read_meta(resume_from).get("data", {}).get(STEP_BATCH):
+            train_cfg = train_cfg.model_copy(update={"global_batch_size": int(saved)})
     if not train_cfg.global_batch_size and train_cfg.micro_batch_size:
         return train_cfg, None
     gpt = getattr(model, "gpt", model)

@@ -27,9 +27,12 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from gptforge.artifacts import fsync_dir, sha256_file, write_json
-from gptforge.runtime import Runtime, fault_seconds
+from gptforge.runtime import Runtime, fault_seconds, seed_everything, set_rng_state
 
 MANIFEST = "manifest.json"
+# The data-identity key of what one optimizer step reads, not how it is split into processes and micro-batches (see
+# gptforge.data.sampler): a checkpoint resumes at another world size, DDP or FSDP, as long as it is the same.
+STEP_BATCH = "sequences per optimizer step"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -190,6 +193,38 @@ def load_trainer_state(ckpt: Path, rank: int, rng: bool = True) -> tuple[dict[st
     if rng and not rng_file.is_file():
         raise CheckpointError(f"checkpoint {ckpt} has no RNG state for rank {rank} (saved at another world size)")
     return _safe_load(ckpt / "trainer.pt"), _safe_load(rng_file) if rng else None
+
+
+def restore_trainer_state(ckpt: Path, runtime: Runtime, seed: int) -> dict[str, Any]:
+    """The trainer state of `ckpt`, with this rank's RNG restored: exactly when the world size is the one it was
+    saved at; otherwise the data of every step is the same, but per-rank random streams (dropout) cannot be carried
+    over, so each rank gets a fresh one derived from the seed, the step and its rank. Prints what it did on rank 0."""
+    saved_world = read_meta(ckpt).get("world_size", 1)
+    same = saved_world == runtime.world_size
+    sd, rng = load_trainer_state(ckpt, runtime.rank, rng=same)
+    step = sd["loop"]["step"]
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        seed_everything(seed + 1_000_003 * step + runtime.rank)
+    if runtime.is_main:
+        print(f"resuming from {ckpt} (step {step})")
+        if not same:
+            print(
+                f"  saved by {saved_world} process(es), resumed by {runtime.world_size}: the same data per step; "
+                "dropout random streams re-seeded"
+            )
+    return sd
+
+
+def step_batch_hint(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How to resume with another number of processes when the data identities differ in STEP_BATCH."""
+    if (n := saved.get(STEP_BATCH)) and n != current.get(STEP_BATCH):
+        return [
+            f"to resume with another number of processes keep micro_batch_size x grad_accum x processes = {n} "
+            f"(e.g. --train.global_batch_size={n})"
+        ]
+    return []
 
 
 def _safe_load(path: Path) -> Any:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -248,10 +248,3 @@ class Trainer:
         if bar:
             bar.close()
         return st
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.opt.state_dict(), "loop": asdict(self.state)}
-
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.opt.load_state_dict(sd["optimizer"])
-        self.state = LoopState(**sd["loop"])
