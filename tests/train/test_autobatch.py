@@ -103,3 +103,47 @@ def test_an_automatic_resume_keeps_the_step_batch_and_fits_todays_memory(tmp_pat
     assert (resolved.micro_batch_size, resolved.grad_accum) == (4, 4) and plan.global_batch_size == 16
     fresh, _ = autobatch.resolve_batch(auto, model, 32, rt)  # a fresh start just takes what fits
     assert (fresh.micro_batch_size, fresh.grad_accum) == (4, 1)
+
+
+def _plan_on_rank(rank: int, init_file: str, frees: list[int], out_dir: str) -> None:
+    """One process of a 2-process gloo group whose free memory is frees[rank]: writes the micro-batch it chose."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from gptforge.model.gpt import GPT
+    from gptforge.runtime import Runtime
+    from gptforge.train import autobatch
+    from gptforge.train.trainer import TrainConfig
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        autobatch.free_memory_bytes = lambda device: frees[rank]
+        rt = Runtime(torch.device("cpu"), torch.float32, rank=rank, world_size=2)
+        model = GPT(GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32))
+        cfg, _ = autobatch.resolve_batch(TrainConfig(micro_batch_size=0, global_batch_size=16), model, 32, rt)
+        Path(out_dir, f"{rank}.json").write_text(json.dumps([cfg.micro_batch_size, cfg.grad_accum]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_with_different_free_memory_agree_on_one_plan(tmp_path):
+    """Two nodes, one with room for 8 sequences per micro-batch and one for 2: both take the plan that fits the
+    smaller (a different split per rank would read the wrong windows and, under FSDP, hang the collectives)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from gptforge.model.gpt import GPT
+
+    small = GPTConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32)
+    n = sum(p.numel() for p in GPT(small).parameters())
+
+    def room_for(m: int) -> int:
+        return int((estimate_bytes(small, n, m, 32, 4)["total"] + 1) / 0.8)
+
+    frees = [room_for(8), room_for(2)]
+    mp.spawn(_plan_on_rank, args=(str(tmp_path / "store"), frees, str(tmp_path)), nprocs=2, join=True)
+    plans = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert plans == [[2, 4], [2, 4]]

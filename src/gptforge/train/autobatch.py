@@ -128,6 +128,19 @@ def plan_batch(
     return BatchPlan(micro, accum, total, est(micro)["total"], budget, reason)
 
 
+def agreed_free_memory(runtime) -> int:
+    """The least free memory over all processes (a process that cannot read it does not count; 0 when none can).
+    Collective when distributed: every rank must reach the same plan, or their samplers would read different
+    windows and FSDP's collectives would fall out of step (nodes of one job can differ in free memory)."""
+    free = free_memory_bytes(runtime.device)
+    if not runtime.distributed:
+        return free
+    unknown = 2**62
+    t = torch.tensor([free or unknown], dtype=torch.int64, device=runtime.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return 0 if int(t.item()) == unknown else int(t.item())
+
+
 def resolve_batch(
     train_cfg, model: torch.nn.Module, seq_len: int, runtime, sharded: bool = False, resume_from: Path | None = None
 ) -> tuple[object, BatchPlan | None]:
@@ -153,7 +166,7 @@ def resolve_batch(
         train_cfg.global_batch_size,
         train_cfg.micro_batch_size,
         train_cfg.grad_accum,
-        free_memory_bytes(runtime.device),
+        agreed_free_memory(runtime),
         act_bytes=2 if runtime.dtype != torch.float32 else 4,
         device=str(runtime.device),
     )
