@@ -24,10 +24,21 @@ def test_peak_flops_table_and_mfu_in_the_log(tmp_path, corpus, tokenizer_run, mo
     from gptforge import runtime as rt
 
     assert rt.peak_flops(torch.device("cpu")) == (None, "cpu")  # no guessed peak: MFU is left out on CPUs
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 80GB HBM3")
-    assert rt.peak_flops(torch.device("cuda"))[0] == 989e12
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "NVIDIA H100 PCIe")
-    assert rt.peak_flops(torch.device("cuda"))[0] == 756e12
+    # Real device names; a shorter key must never shadow a longer one (L4 inside L40, H100 inside H100 NVL).
+    names = {
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H100 NVL": 835e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA H200 NVL": 835e12,
+        "NVIDIA L40": 181e12,
+        "NVIDIA L40S": 362e12,
+        "NVIDIA L4": 121e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+    }
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None, n=name: n)
+        assert rt.peak_flops(torch.device("cuda")) == (peak, name)
     monkeypatch.undo()
 
     monkeypatch.setattr("gptforge.stages.pretrain.peak_flops", lambda device: (1e9, "fake"))

@@ -96,8 +96,10 @@ def build_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        # Always an explicit index, made current: CUDA-graph capture, the saved CUDA RNG state and any tensor created
+        # as plain "cuda" follow the current device, which is otherwise 0 (in every new thread too).
+        dev = torch.device("cuda", local_rank if world > 1 else dev.index or 0)
         torch.cuda.set_device(dev)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -117,15 +119,18 @@ def build_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -
 # Dense bf16 tensor-core peaks in FLOP/s from the vendors' data sheets (without sparsity), matched against the CUDA
 # device name; the first matching key wins, so the more specific names come first.
 BF16_PEAK_FLOPS = {
+    "H200 NVL": 835e12,
     "H200": 989e12,
+    "H100 NVL": 835e12,
     "H100 PCIe": 756e12,
-    "H100": 989e12,  # SXM / NVL
+    "H100": 989e12,  # SXM
     "GH200": 989e12,
     "B200": 2250e12,
     "A100": 312e12,
     "A10G": 70e12,
     "A10": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
@@ -163,8 +168,10 @@ def rng_state() -> dict:
         "has_gauss": int(has_gauss),
         "gauss": float(gauss),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # The current device's generator only (build_runtime makes the run's device current): a state per visible GPU
+        # would not restore on a machine that shows fewer GPUs.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -175,4 +182,8 @@ def set_rng_state(state: dict) -> None:
     nps = state["numpy"]
     np.random.set_state(("MT19937", nps["keys"].numpy().astype(np.uint32), nps["pos"], nps["has_gauss"], nps["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):  # older checkpoints: one state per visible GPU, by index
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

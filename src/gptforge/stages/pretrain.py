@@ -238,7 +238,7 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     if cfg.activation_checkpointing:
         parallel.apply_activation_checkpointing(raw_model)
     if fsdp:
-        parallel.shard_fsdp(raw_model)  # in place: the parameters become this rank's shards
+        parallel.shard_fsdp(raw_model, runtime)  # in place: the parameters become this rank's shards
     # Evaluation runs the (compiled) bare model: DDP's forward may broadcast buffers, a collective that would
     # deadlock when a rank has no validation windows to run. (FSDP's forward is collective too: the evaluator then
     # runs the same number of batches on every rank.)

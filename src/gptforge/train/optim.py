@@ -70,15 +70,14 @@ def build_optimizer(
         for g in groups:
             g["lr"] = torch.tensor(lr, dtype=torch.float32)  # on the CPU, as in the PyTorch tutorial: no device sync
         # CUDA: capturable keeps `step` on the device and takes the multi-tensor path with a tensor LR; it is what
-        # dynamo sets by itself for a fresh state, and saying it here keeps a resumed run on the same path.
+        # dynamo sets by itself for a fresh state, and saying it here keeps a resumed run on the same path. foreach
+        # must be said too: with fused=False given, torch only picks foreach by default when both are None.
         # CPU: the per-tensor loop. Compiled, the multi-tensor variant steps as fast and compiles ~10-40% sooner
         # (bench/optim_step.py), but it needs capturable=True, which the CPU supports only inside compiled code: any
         # eager step (dynamo's fallback past its recompile limit; torch.distributed.checkpoint's state init under
         # FSDP) would raise.
         cuda = device.type == "cuda"
-        opt = torch.optim.AdamW(
-            groups, lr=lr, betas=betas, eps=eps, foreach=None if cuda else False, capturable=cuda, fused=False
-        )
+        opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=cuda, capturable=cuda, fused=False)
     else:
         # The fused kernel exists for CPU and CUDA in torch >= 2.4: one pass over each tensor instead of several.
         fused = device.type in ("cpu", "cuda")

@@ -35,14 +35,18 @@ def apply_activation_checkpointing(model: GPT) -> None:
         block.forward = functools.partial(checkpoint, Block.forward, block, use_reentrant=False)
 
 
-def shard_fsdp(model: nn.Module, gpt: GPT | None = None) -> nn.Module:
+def shard_fsdp(model: nn.Module, runtime: Runtime, gpt: GPT | None = None) -> nn.Module:
     """Shard in place: one FSDP unit per block of `gpt` (default: `model` itself), then the root `model`, which
     holds everything else (embeddings, final norm, tied head; a task model's head)."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # An explicit mesh on the run's device type: left out, FSDP2 takes the machine's accelerator, so a `--device cpu`
+    # run on a GPU host would build a CUDA mesh over its gloo process group.
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
     for block in (gpt if gpt is not None else model).h:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -58,7 +62,7 @@ def parallelize(
     if not runtime.distributed:
         return model
     if mode == "fsdp":
-        return shard_fsdp(model, gpt)
+        return shard_fsdp(model, runtime, gpt)
     return wrap_ddp(model, runtime)
 
 
