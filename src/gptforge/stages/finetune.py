@@ -312,6 +312,8 @@ def train_once(cfg: Config, base, prep, train_idx, val_idx, out: Path, runtime: 
             f"{cfg.task}: {split.n_train} training {unit}, {tc.max_steps} steps ({steps_per_epoch} per epoch, "
             f"eval every {tc.eval_every}); {what}: {trainable:,} of {total:,} parameters trained"
         )
+        if fsdp:
+            print(parallel.describe_fsdp(runtime))
     t0 = time.perf_counter()
     try:
         state = trainer.fit()

@@ -344,6 +344,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
             f"train: {cfg.train.max_steps} steps x {tokens_per_step:,} tokens = "
             f"{cfg.train.max_steps * tokens_per_step / 1e6:.1f}M tokens; {len(train_windows):,} windows per epoch"
         )
+        if fsdp:
+            print(parallel.describe_fsdp(runtime))
         if cfg.compile_optimizer:  # else the first step's long pause looks like a hang
             print("optimizer: AdamW step compiled by torch.compile; the first step includes the compile")
     t0 = time.perf_counter()
