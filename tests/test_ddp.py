@@ -111,3 +111,17 @@ def test_rank_without_validation_windows_does_not_hang(tmp_path, corpus, tokeniz
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(_metric(tmp_path, "val_loss")) == 2
+
+
+@pytest.mark.slow
+def test_compiled_ddp_matches_one_compiled_process(tmp_path, corpus, tokenizer_run):
+    """`--compile` under DDP compiles around the DDP wrapper (graph split at gradient buckets): the same losses as
+    one compiled process with accumulation 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        shutil.copytree(tokenizer_run / "tokenizer", d / "tokenizer")
+    assert main(["pretrain", f"--run_dir={one}", f"--input={corpus}", *ARGS, "--compile", "--train.grad_accum=2"]) == 0
+    proc = torchrun(two, corpus, "--compile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _metric(one, "loss") == pytest.approx(_metric(two, "loss"), rel=1e-3, abs=1e-3)
+    assert _metric(one, "val_loss") == pytest.approx(_metric(two, "val_loss"), rel=1e-3, abs=1e-3)

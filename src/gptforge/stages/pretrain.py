@@ -245,7 +245,11 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     eval_model = torch.compile(raw_model) if cfg.compile else raw_model
     model = eval_model
     if runtime.distributed and not fsdp:
-        model = parallel.wrap_ddp(eval_model, runtime)
+        model = parallel.wrap_ddp(raw_model, runtime)
+        if cfg.compile:
+            # Compiled around DDP, not inside it: dynamo then splits the graph at DDP's gradient buckets, so each
+            # bucket's all-reduce overlaps the rest of the backward instead of waiting for all of it.
+            model = torch.compile(model)
     # After sharding: FSDP2 replaces the parameters, and the optimizer must hold the sharded ones.
     optimizer = build_optimizer(
         raw_model, cfg.train.lr, cfg.train.weight_decay, (cfg.train.beta1, cfg.train.beta2), cfg.train.eps,
