@@ -106,3 +106,30 @@ def test_early_stopping_and_best_save():
     assert st.step == 4 and "early stop" in tr.stop_reason
     assert st.best_val == 2.0
     assert (1, True) in saves and (2, True) in saves and (4, False) in saves
+
+
+def test_tokens_per_second_leaves_out_evaluation_and_saving(monkeypatch):
+    """A fake clock: each batch takes 1 s, each evaluation and save 100 s. The logged rate is tokens per training
+    second, so it must not drop at the steps that evaluate and save."""
+    import gptforge.train.trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
+    data = torch.randint(0, 64, (4 * 6, 17), generator=torch.Generator().manual_seed(1))
+    tr, _ = make_trainer(4, 1, data, steps=6, log_every=2)
+    tr.cfg.eval_every, tr.cfg.save_every = 1, 3
+    batch, logged = tr.next_batch, []
+
+    def timed_batch():
+        clock[0] += 1.0
+        return batch()
+
+    def slow(*_args):
+        clock[0] += 100.0
+        return {"val_loss": 1.0}
+
+    tr.next_batch, tr.evaluate, tr.save = timed_batch, slow, slow
+    tr.log = logged.append
+    tr.fit()
+    rates = [r["tok_s"] for r in logged if "tok_s" in r]
+    assert rates == [4 * 16] * 3  # 4 sequences x 16 tokens per 1-second step, at steps 2, 4 and 6

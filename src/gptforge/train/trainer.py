@@ -233,6 +233,7 @@ class Trainer:
                         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{out['lr']:.1e}", tok_s=f"{tok_s:,.0f}")
                 t_window, tok_window, loss_window = time.perf_counter(), 0, []
             stop = improved = False
+            paused = time.perf_counter()  # evaluation and saving are not training: kept out of tokens/s (and MFU)
             if self.evaluate and (st.step % cfg.eval_every == 0 or st.step == cfg.max_steps):
                 self.model.eval()
                 stop, improved = self._run_eval()
@@ -243,6 +244,7 @@ class Trainer:
             # One save per step at most: periodic, at the end, on early stop, or to keep a new best.
             if self.save and (st.step % cfg.save_every == 0 or st.step == cfg.max_steps or stop or improved):
                 self.save(st, improved)
+            t_window += time.perf_counter() - paused
             if stop:
                 break
         if bar:
