@@ -1,11 +1,16 @@
-"""Automatic batch settings: the plan's arithmetic against a hand-made memory budget, and the stages using it."""
+"""Automatic batch settings: the memory estimate against what the model measurably keeps, the plan's arithmetic
+against a hand-made memory budget, and the stages using it."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from gptforge.model.gpt import GPTConfig
+from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.train.autobatch import GIB, estimate_bytes, plan_batch
 from tests.conftest import pretrain
 
@@ -21,7 +26,129 @@ def test_estimate_is_states_plus_linear_in_the_micro_batch():
     one, four = estimate_bytes(CFG, N, 1, 256, 4), estimate_bytes(CFG, N, 4, 256, 4)
     assert one["states"] == four["states"] == 16 * N
     assert four["activations"] == 4 * one["activations"] and four["logits"] == 4 * one["logits"]
-    assert estimate_bytes(CFG, N, 4, 256, 2)["activations"] == four["activations"] // 2  # bf16 activations
+    # bf16 autocast does not halve them: norms keep fp32 tensors and each projection keeps its own bf16 cast.
+    assert four["activations"] // 2 < estimate_bytes(CFG, N, 4, 256, 2)["activations"] < four["activations"]
+
+
+# Small models covering each branch of the estimate: SwiGLU and GELU, MHA and GQA, packed rows (a mask per
+# attention call), and GPT-2 style (LayerNorm, learned positions, biases) with dropout, which on CPU sends attention
+# to SDPA's math kernel. name -> (config, packed)
+GQA = GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_kv_head=1, n_embd=64)
+MEASURED = {
+    "swiglu": (GPTConfig(vocab_size=256, block_size=32, n_layer=2, n_head=4, n_embd=64), False),
+    "swiglu-gqa": (GQA, False),
+    "swiglu-gqa-packed": (GQA, True),
+    "gelu-gqa": (GQA.model_copy(update={"n_kv_head": 2, "mlp": "gelu"}), False),
+    "gpt2-dropout": (
+        GQA.model_copy(
+            update={"n_kv_head": 2, "mlp": "gelu", "norm": "layernorm", "pos": "learned", "bias": True, "dropout": 0.1}
+        ),
+        False,
+    ),
+}
+
+
+def _is_weight_copy(t: torch.Tensor) -> bool:
+    """Whether a saved tensor is autocast's copy of a parameter (a cast of a leaf, maybe seen through a view)."""
+    fn = t.grad_fn
+    while fn is not None and len(fn.next_functions) == 1 and type(fn).__name__ != "ToCopyBackward0":
+        fn = fn.next_functions[0][0]  # t() / view of the copy, as a matmul saves it
+    return (
+        fn is not None
+        and type(fn).__name__ == "ToCopyBackward0"
+        and type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    )
+
+
+def _loss(model: GPT, idx: torch.Tensor, bf16: bool, packed: bool = False) -> torch.Tensor:
+    """Forward + loss as the trainer runs it: under autocast when bf16, the model's fp32 cross-entropy; packed rows
+    hold two sequences each."""
+    segments = (torch.arange(idx.size(1)) >= idx.size(1) // 2).long().expand_as(idx) if packed else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(idx, idx, segment_ids=segments)[1]
+
+
+def _saved_bytes(cfg: GPTConfig, micro: int, bf16: bool, packed: bool) -> tuple[int, int]:
+    """(bytes of the activations autograd saves for the backward pass, bytes of saved weight copies), counting each
+    storage once and leaving out the model's own parameters and buffers."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    acts: dict[int, int] = {}
+    copies: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            (copies if _is_weight_copy(t) else acts)[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    idx = torch.randint(0, cfg.vocab_size, (micro, cfg.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _loss(model, idx, bf16, packed)
+    return sum(acts.values()), sum(copies.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_estimate_covers_the_measured_saved_tensors_and_is_not_loose(name, bf16):
+    """The estimate is an upper bound of what the model keeps for the backward pass plus the logits' gradients, and
+    at most 1.6 x that, at two micro-batch sizes (both grow linearly with it). One more layer adds at least what it
+    measurably keeps (exactly that with RMSNorm), so no per-layer term can hide behind the others' margins."""
+    (cfg, packed), act_bytes = MEASURED[name], 2 if bf16 else 4
+    n = sum(p.numel() for p in GPT(cfg).parameters())
+    measured = {}
+    for micro in (1, 3):
+        saved, copies = _saved_bytes(cfg, micro, bf16, packed)
+        est = estimate_bytes(cfg, n, micro, cfg.block_size, act_bytes, packed=packed)
+        # log_softmax's backward holds two fp32 (tokens, V) gradients beside what was saved: log-probs and logits.
+        grads = 2 * 4 * micro * cfg.block_size * cfg.vocab_size
+        needed, estimated = saved + grads, est["activations"] + est["logits"]
+        assert needed <= estimated <= 1.6 * needed, (micro, needed, estimated)
+        assert est["states"] - 16 * n == copies  # the bf16 weight copies, exactly (none in fp32)
+        measured[micro] = saved
+    assert measured[3] == pytest.approx(3 * measured[1], rel=0.01)
+    deeper = cfg.model_copy(update={"n_layer": cfg.n_layer + 1})
+    layer_measured = _saved_bytes(deeper, 1, bf16, packed)[0] - measured[1]
+    layer_estimated = estimate_bytes(deeper, n, 1, cfg.block_size, act_bytes, packed=packed)["activations"]
+    layer_estimated -= estimate_bytes(cfg, n, 1, cfg.block_size, act_bytes, packed=packed)["activations"]
+    assert layer_measured <= layer_estimated <= 1.2 * layer_measured
+
+
+class _PeakBytes(TorchDispatchMode):
+    """Peak bytes of the storages that the ops run under it create and that are still referenced: a CPU stand-in for
+    `torch.cuda.max_memory_allocated`, checked after every op so that an op's inputs and outputs count together."""
+
+    def __init__(self, skip: set[int]) -> None:
+        super().__init__()
+        self.skip, self.live, self.peak = skip, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {ptr: (ref, nbytes) for ptr, (ref, nbytes) in self.live.items() if not ref.expired()}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and (ptr := t.untyped_storage().data_ptr()) and ptr not in self.skip:
+                self.live.setdefault(ptr, (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes()))
+        self.peak = max(self.peak, sum(nbytes for _, nbytes in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("vocab", [64, 2048], ids=["peak-in-a-block", "peak-at-the-loss"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_estimate_covers_the_peak_of_a_forward_and_backward_pass(vocab, bf16):
+    """Everything allocated during forward, loss and backward (activations, gradients in flight, parameter
+    gradients, weight copies) stays within the estimate less the weights and AdamW moments, which exist before. A
+    small vocabulary puts the peak inside a block's backward pass, a large one at the loss's. (Not a looseness check:
+    the parameter gradients counted in full are mostly not allocated yet at the peak.)"""
+    cfg = MEASURED["swiglu"][0].model_copy(update={"vocab_size": vocab, "n_layer": 3})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    idx = torch.randint(0, vocab, (2, cfg.block_size))
+    with _PeakBytes({t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}) as mode:
+        _loss(model, idx, bf16).backward()
+    est = estimate_bytes(cfg, n, 2, cfg.block_size, 2 if bf16 else 4)
+    assert mode.peak <= est["total"] - 12 * n
 
 
 def test_more_memory_gives_a_bigger_micro_batch_and_the_same_global_batch():

@@ -481,7 +481,8 @@ def run(cfg: Config, runtime: Runtime) -> dict:
     base = load_base(init, cfg.tokenizer, cfg.block_size)
     resumed = newest if cfg.resume else None
     sharded = cfg.parallel == "fsdp"
-    train, _ = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime, sharded, resumed)
+    packed = cfg.task == "chat" and cfg.pack  # packed rows carry a block-diagonal mask per layer
+    train, _ = resolve_batch(cfg.train, base.model, base.model.config.block_size, runtime, sharded, resumed, packed)
     cfg = cfg.model_copy(update={"train": train})
     tok = base.tokenizer
     prep = tasks.prepare(cfg, tok, base.model.config.block_size)
